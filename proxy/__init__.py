@@ -1,0 +1,3 @@
+"""keyroute: a key-affinity HTTP routing proxy."""
+
+__version__ = "0.1.0"

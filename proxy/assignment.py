@@ -1,0 +1,531 @@
+"""The routing core: key positions, assignment tables, lookup, generation.
+
+Nothing here does I/O. Every function takes bytes or plain values and returns
+plain values, so the core can be tested with plain calls.
+
+Invariants of an ``Assignment`` (checked once by ``parse``/``build``, trusted
+afterwards by ``lookup``):
+
+* ``generation`` is a positive integer.
+* ``pods`` is non-empty; every id matches ``POD_ID_RE`` and every URL is
+  ``http://host:port``.
+* ``starts`` is strictly increasing, ``starts[0] == 0`` and every start is
+  below ``2**64``; slice ``i`` covers ``[starts[i], starts[i + 1])`` and the
+  last one runs to ``2**64``. So every position lies in exactly one slice.
+* ``routes[i]`` describes slice ``i``: its owner names a pod of the table,
+  ``1 <= epoch <= generation``, and its backups are distinct pods of the
+  table other than the owner.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import mmh3
+import orjson
+
+KEY_SPACE = 1 << 64
+MAX_POSITION = KEY_SPACE - 1
+FORMAT_VERSION = 1
+DEFAULT_SLICE_COUNT = 4096
+MAX_SLICE_COUNT = 1 << 20
+MAX_WEIGHT = 1_000_000.0
+# Generated tables list this many backups per slice; failover beyond them can
+# walk the remaining pods in rendezvous order for the slice.
+GENERATED_BACKUPS = 3
+# Pod ids travel in headers and metrics labels: keep them to a safe alphabet.
+POD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,252}")
+_HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))")
+_TOP_FIELDS = frozenset({"version", "generation", "pods", "slices", "slice_count"})
+_POD_FIELDS = frozenset({"url", "weight", "state"})
+_SLICE_FIELDS = frozenset({"start", "pod", "epoch", "backups"})
+STATES = ("active", "draining")
+
+
+class AssignmentError(ValueError):
+    """A table was refused. The message names the place: ``slices[3].pod: ...``."""
+
+
+def position(key: bytes) -> int:
+    """Position of a routing key on the 64-bit key space.
+
+    The low 64 bits of MurmurHash3 x64_128 with seed 0, unsigned. Tables in the
+    wild depend on this value: it must never change.
+    """
+    return mmh3.hash64(key, 0, signed=False)[0]  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    """One backend pod of a table."""
+
+    id: str
+    url: str
+    host: str
+    port: int
+    weight: float = 1.0
+    state: str = "active"
+
+    @property
+    def active(self) -> bool:
+        return self.state == "active"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one slice of the key space goes. ``lookup`` returns these,
+    precomputed per slice, so a lookup allocates nothing."""
+
+    index: int
+    start: int
+    end: int  # exclusive; 2**64 for the last slice
+    pod: Pod
+    epoch: int
+    backups: tuple[str, ...]
+    generation: int
+
+    @property
+    def pod_id(self) -> str:
+        return self.pod.id
+
+    @property
+    def url(self) -> str:
+        return self.pod.url
+
+    @property
+    def share(self) -> float:
+        return (self.end - self.start) / KEY_SPACE
+
+
+@dataclass(frozen=True, slots=True)
+class SliceSpec:
+    """A slice as written in a table, before it is resolved into a ``Route``."""
+
+    start: int
+    pod: str
+    epoch: int | None = None
+    backups: tuple[str, ...] = ()
+
+
+class Assignment:
+    """An immutable, validated assignment table. Build with ``parse`` or ``build``."""
+
+    __slots__ = ("generation", "pods", "routes", "starts", "generated", "slice_count")
+
+    generation: int
+    pods: Mapping[str, Pod]
+    routes: tuple[Route, ...]
+    starts: list[int]
+    generated: bool
+    slice_count: int
+
+    def __init__(
+        self, generation: int, pods: Mapping[str, Pod], routes: Sequence[Route], generated: bool
+    ) -> None:
+        self.generation = generation
+        self.pods = MappingProxyType(dict(pods))
+        self.routes = tuple(routes)
+        # A list, not a tuple: bisect is a little faster on lists.
+        self.starts = [r.start for r in self.routes]
+        self.generated = generated
+        self.slice_count = len(self.routes)
+
+    def lookup(self, key: bytes) -> Route:
+        """Route for a routing key (raw header bytes). O(log slices)."""
+        return self.routes[bisect_right(self.starts, position(key)) - 1]
+
+    def lookup_position(self, pos: int) -> Route:
+        """Route for a position in ``[0, 2**64)``."""
+        return self.routes[bisect_right(self.starts, pos) - 1]
+
+    def shares(self) -> dict[str, float]:
+        """Share of the key space owned by each pod (0.0 for pods that own none)."""
+        widths = dict.fromkeys(self.pods, 0)
+        for r in self.routes:
+            widths[r.pod.id] += r.end - r.start
+        return {pid: w / KEY_SPACE for pid, w in widths.items()}
+
+    def slice_specs(self) -> list[SliceSpec]:
+        return [SliceSpec(r.start, r.pod.id, r.epoch, r.backups) for r in self.routes]
+
+    def to_json(self, *, explicit: bool = True) -> dict[str, Any]:
+        """The table as a JSON-ready dict. ``explicit=False`` keeps a generated
+        table in its short pods-only form."""
+        pods: dict[str, Any] = {}
+        for p in self.pods.values():
+            entry: dict[str, Any] = {"url": p.url}
+            if p.weight != 1.0:
+                entry["weight"] = int(p.weight) if p.weight.is_integer() else p.weight
+            if p.state != "active":
+                entry["state"] = p.state
+            pods[p.id] = entry
+        doc: dict[str, Any] = {"version": FORMAT_VERSION, "generation": self.generation, "pods": pods}
+        if self.generated and not explicit:
+            if self.slice_count != DEFAULT_SLICE_COUNT:
+                doc["slice_count"] = self.slice_count
+            return doc
+        slices = []
+        for r in self.routes:
+            s: dict[str, Any] = {"start": f"0x{r.start:016x}", "pod": r.pod.id, "epoch": r.epoch}
+            if r.backups:
+                s["backups"] = list(r.backups)
+            slices.append(s)
+        doc["slices"] = slices
+        return doc
+
+    def dumps(self, *, explicit: bool = True) -> bytes:
+        return orjson.dumps(self.to_json(explicit=explicit), option=orjson.OPT_INDENT_2) + b"\n"
+
+
+# --------------------------------------------------------------------------
+# Parsing and validation
+
+
+def parse(data: bytes | str) -> Assignment:
+    """Parse and validate a v1 table. Raises ``AssignmentError`` naming the place."""
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise AssignmentError(f"not valid JSON: {exc}") from None
+    return from_json(doc)
+
+
+def from_json(doc: Any) -> Assignment:
+    """Validate a decoded JSON document as a v1 table."""
+    if not isinstance(doc, dict):
+        raise AssignmentError(f"table: expected a JSON object, got {_kind(doc)}")
+    unknown = sorted(set(doc) - _TOP_FIELDS)
+    if unknown:
+        raise AssignmentError(f"{unknown[0]}: unknown field (known: {', '.join(sorted(_TOP_FIELDS))})")
+    if "version" not in doc:
+        raise AssignmentError("version: missing (this proxy reads format version 1)")
+    version = doc["version"]
+    if version != FORMAT_VERSION or isinstance(version, bool) or not isinstance(version, int):
+        raise AssignmentError(f"version: unsupported format version {version!r} (this proxy reads 1)")
+    generation = _positive_int(doc.get("generation"), "generation")
+    if "pods" not in doc:
+        raise AssignmentError("pods: missing")
+    pods = _parse_pods(doc["pods"])
+    if "slices" in doc:
+        if "slice_count" in doc:
+            raise AssignmentError("slice_count: only allowed in tables without slices")
+        specs = _parse_slices(doc["slices"], pods)
+        return build(generation, pods, specs)
+    slice_count = DEFAULT_SLICE_COUNT
+    if "slice_count" in doc:
+        slice_count = _positive_int(doc["slice_count"], "slice_count")
+        if slice_count > MAX_SLICE_COUNT:
+            raise AssignmentError(f"slice_count: {slice_count} is above the limit {MAX_SLICE_COUNT}")
+    return generate(generation, pods, slice_count)
+
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
+        type(v), "null" if v is None else "a number"
+    )
+
+
+def _positive_int(v: Any, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        if v is None:
+            raise AssignmentError(f"{where}: missing (a positive integer)")
+        raise AssignmentError(f"{where}: expected a positive integer, got {v!r}")
+    if v <= 0 or v > MAX_POSITION:
+        raise AssignmentError(f"{where}: {v} is out of range (1 to 2**64-1)")
+    return v
+
+
+def parse_url(url: Any, where: str) -> tuple[str, int]:
+    """Split ``http://host[:port][/]`` into host and port."""
+    if not isinstance(url, str) or not url.startswith("http://"):
+        raise AssignmentError(f"{where}: not an http URL: {url!r} (expected http://host:port)")
+    rest = url[len("http://") :]
+    if rest.endswith("/"):
+        rest = rest[:-1]
+    if "/" in rest or "?" in rest or "#" in rest or "@" in rest:
+        raise AssignmentError(f"{where}: {url!r} has a path, query or userinfo (expected http://host:port)")
+    host, port = rest, 80
+    if rest.startswith("["):
+        close = rest.find("]")
+        host, tail = rest[: close + 1], rest[close + 1 :]
+        if tail:
+            if not tail.startswith(":"):
+                raise AssignmentError(f"{where}: bad host in {url!r}")
+            port = _port(tail[1:], url, where)
+    elif ":" in rest:
+        host, _, p = rest.rpartition(":")
+        port = _port(p, url, where)
+    if not host or not _HOST_RE.fullmatch(host):
+        raise AssignmentError(f"{where}: bad host {host!r} in {url!r}")
+    return host.strip("[]"), port
+
+
+def _port(p: str, url: str, where: str) -> int:
+    if not p.isdigit() or not 0 < int(p) < 65536:
+        raise AssignmentError(f"{where}: bad port {p!r} in {url!r}")
+    return int(p)
+
+
+def _parse_pods(raw: Any) -> dict[str, Pod]:
+    if not isinstance(raw, dict):
+        raise AssignmentError(f"pods: expected an object of pod id -> pod, got {_kind(raw)}")
+    if not raw:
+        raise AssignmentError("pods: no pods (a table needs at least one)")
+    pods: dict[str, Pod] = {}
+    for pid, spec in raw.items():
+        if not POD_ID_RE.fullmatch(pid):
+            raise AssignmentError(f"pods.{pid!r}: bad pod id (letters, digits and _.:- only, at most 253)")
+        where = f"pods.{pid}"
+        if not isinstance(spec, dict):
+            raise AssignmentError(f"{where}: expected an object like {{\"url\": \"http://host:port\"}}")
+        unknown = sorted(set(spec) - _POD_FIELDS)
+        if unknown:
+            raise AssignmentError(f"{where}.{unknown[0]}: unknown field (known: url, weight, state)")
+        if "url" not in spec:
+            raise AssignmentError(f"{where}.url: missing")
+        host, port = parse_url(spec["url"], f"{where}.url")
+        weight = spec.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise AssignmentError(f"{where}.weight: expected a positive number, got {weight!r}")
+        if not (0 < weight <= MAX_WEIGHT) or not math.isfinite(weight):
+            raise AssignmentError(f"{where}.weight: {weight!r} is out of range (0 < weight <= {MAX_WEIGHT:g})")
+        state = spec.get("state", "active")
+        if state not in STATES:
+            raise AssignmentError(f"{where}.state: {state!r} is not one of active, draining")
+        pods[pid] = Pod(pid, spec["url"].rstrip("/"), host, port, float(weight), state)
+    return pods
+
+
+def _parse_start(v: Any, where: str) -> int:
+    if isinstance(v, str):
+        try:
+            n = int(v, 16) if v[:2] in ("0x", "0X") else int(v, 10)
+        except ValueError:
+            raise AssignmentError(f"{where}: {v!r} is not a 0x hex string or a decimal integer") from None
+        if v[:1] in "+- " or v[-1:] == " " or "_" in v:
+            raise AssignmentError(f"{where}: {v!r} is not a 0x hex string or a decimal integer")
+    elif isinstance(v, int) and not isinstance(v, bool):
+        n = v
+    else:
+        raise AssignmentError(f"{where}: expected a 0x hex string or a decimal integer, got {v!r}")
+    if not 0 <= n <= MAX_POSITION:
+        raise AssignmentError(f"{where}: {v!r} is outside the key space [0, 2**64)")
+    return n
+
+
+def _parse_slices(raw: Any, pods: Mapping[str, Pod]) -> list[SliceSpec]:
+    if not isinstance(raw, list):
+        raise AssignmentError(f"slices: expected an array, got {_kind(raw)}")
+    if not raw:
+        raise AssignmentError("slices: empty (omit the field to generate slices from the pods)")
+    specs: list[SliceSpec] = []
+    for i, s in enumerate(raw):
+        where = f"slices[{i}]"
+        if not isinstance(s, dict):
+            raise AssignmentError(f"{where}: expected an object, got {_kind(s)}")
+        unknown = sorted(set(s) - _SLICE_FIELDS)
+        if unknown:
+            raise AssignmentError(f"{where}.{unknown[0]}: unknown field (known: start, pod, epoch, backups)")
+        if "start" not in s:
+            raise AssignmentError(f"{where}.start: missing")
+        start = _parse_start(s["start"], f"{where}.start")
+        pod = s.get("pod")
+        if not isinstance(pod, str):
+            raise AssignmentError(f"{where}.pod: expected a pod id, got {pod!r}")
+        epoch = None if "epoch" not in s else _positive_int(s["epoch"], f"{where}.epoch")
+        backups = s.get("backups", [])
+        if not isinstance(backups, list) or not all(isinstance(b, str) for b in backups):
+            raise AssignmentError(f"{where}.backups: expected an array of pod ids")
+        specs.append(SliceSpec(start, pod, epoch, tuple(backups)))
+    return specs
+
+
+def build(generation: int, pods: Mapping[str, Pod], specs: Sequence[SliceSpec]) -> Assignment:
+    """Validate explicit slices against ``pods`` and build the table."""
+    if not specs:
+        raise AssignmentError("slices: empty")
+    routes: list[Route] = []
+    prev = -1
+    for i, s in enumerate(specs):
+        where = f"slices[{i}]"
+        if i == 0 and s.start != 0:
+            raise AssignmentError(f"{where}.start: the first slice must start at 0x0, not 0x{s.start:x}")
+        if s.start <= prev:
+            raise AssignmentError(
+                f"{where}.start: 0x{s.start:x} is not above the previous start 0x{prev:x} (slices must be sorted)"
+            )
+        prev = s.start
+        pod = pods.get(s.pod)
+        if pod is None:
+            raise AssignmentError(f"{where}.pod: unknown pod {s.pod!r}")
+        epoch = generation if s.epoch is None else s.epoch
+        if epoch > generation:
+            raise AssignmentError(f"{where}.epoch: {epoch} is above the table's generation {generation}")
+        seen = {s.pod}
+        for j, b in enumerate(s.backups):
+            if b not in pods:
+                raise AssignmentError(f"{where}.backups[{j}]: unknown pod {b!r}")
+            if b in seen:
+                raise AssignmentError(f"{where}.backups[{j}]: {b!r} is the owner or listed twice")
+            seen.add(b)
+        end = specs[i + 1].start if i + 1 < len(specs) else KEY_SPACE
+        routes.append(Route(i, s.start, end, pod, epoch, s.backups, generation))
+    return Assignment(generation, pods, routes, generated=False)
+
+
+# --------------------------------------------------------------------------
+# Generation by weighted rendezvous hashing
+
+
+def slice_starts(count: int) -> list[int]:
+    """Starts of ``count`` equal slices of the key space."""
+    return [(i * KEY_SPACE) // count for i in range(count)]
+
+
+def score(pod: Pod, point: int) -> float:
+    """Weighted rendezvous score of ``pod`` for a point (a slice start).
+
+    ``-weight / ln(u)`` with ``u`` uniform in (0, 1) from the pod id and the
+    point: the pod with the highest score wins, and a pod with weight w wins a
+    share w / sum(weights) of points.
+    """
+    h = mmh3.hash64(pod.id.encode() + b"\x00" + point.to_bytes(8, "big"), 0, signed=False)[0]
+    u = (h + 0.5) / KEY_SPACE
+    return -pod.weight / math.log(u)
+
+
+def rank(pods: Iterable[Pod], point: int) -> list[Pod]:
+    """Pods in failover order for a point: active pods by descending score, then
+    draining pods by descending score (a draining pod is a last resort)."""
+    return sorted(pods, key=lambda p: (p.active, score(p, point)), reverse=True)
+
+
+def generate(generation: int, pods: Mapping[str, Pod], slice_count: int = DEFAULT_SLICE_COUNT) -> Assignment:
+    """A pods-only table: ``slice_count`` equal slices, each owned by the active
+    pod with the highest rendezvous score; the next pods are its backups."""
+    if not any(p.active for p in pods.values()):
+        raise AssignmentError("pods: no active pod to own the generated slices (all are draining)")
+    routes: list[Route] = []
+    starts = slice_starts(slice_count)
+    values = list(pods.values())
+    for i, start in enumerate(starts):
+        order = rank(values, start)
+        end = starts[i + 1] if i + 1 < slice_count else KEY_SPACE
+        backups = tuple(p.id for p in order[1 : 1 + GENERATED_BACKUPS])
+        routes.append(Route(i, start, end, order[0], generation, backups, generation))
+    return Assignment(generation, pods, routes, generated=True)
+
+
+# --------------------------------------------------------------------------
+# Comparing and evolving tables
+
+
+def moved_share(old: Assignment, new: Assignment) -> float:
+    """Share of the key space whose owner differs between two tables."""
+    moved = 0
+    i = j = 0
+    lo = 0
+    ro, rn = old.routes, new.routes
+    while lo < KEY_SPACE:
+        a, b = ro[i], rn[j]
+        hi = min(a.end, b.end)
+        if a.pod.id != b.pod.id:
+            moved += hi - lo
+        lo = hi
+        if a.end == hi:
+            i += 1
+        if b.end == hi:
+            j += 1
+    return moved / KEY_SPACE
+
+
+def evolve(
+    old: Assignment,
+    pods: Mapping[str, Pod],
+    generation: int,
+    *,
+    rebalance: bool = False,
+) -> Assignment:
+    """A new explicit table for ``pods`` that moves as little as possible from ``old``.
+
+    Every slice whose owner is still an active pod keeps its owner and its
+    epoch. Slices whose owner left or is draining go to their first active
+    old backup, else to the active pod with the highest rendezvous score, and
+    take ``generation`` as their epoch. With ``rebalance``, slices are also
+    moved from pods above their weighted fair share to pods below it, fewest
+    moves first, so that added pods receive keys.
+    """
+    if generation <= old.generation:
+        raise AssignmentError(f"generation: {generation} must be above the old table's {old.generation}")
+    active = [p for p in pods.values() if p.active]
+    if not active:
+        raise AssignmentError("pods: no active pod to own slices (all are draining)")
+    values = list(pods.values())
+    owners: list[str] = []
+    epochs: list[int] = []
+    for r in old.routes:
+        owner = pods.get(r.pod.id)
+        if owner is not None and owner.active:
+            owners.append(owner.id)
+            epochs.append(r.epoch)
+            continue
+        heir = next((b for b in r.backups if b in pods and pods[b].active), None)
+        if heir is None:
+            heir = rank(active, r.start)[0].id
+        owners.append(heir)
+        epochs.append(generation)
+    if rebalance:
+        _rebalance(old.routes, owners, epochs, pods, generation)
+    specs = []
+    for r, owner, epoch in zip(old.routes, owners, epochs):
+        order = [p.id for p in rank(values, r.start) if p.id != owner]
+        specs.append(SliceSpec(r.start, owner, epoch, tuple(order[:GENERATED_BACKUPS])))
+    return build(generation, pods, specs)
+
+
+def _rebalance(
+    routes: Sequence[Route], owners: list[str], epochs: list[int], pods: Mapping[str, Pod], generation: int
+) -> None:
+    active = {p.id: p for p in pods.values() if p.active}
+    total_w = sum(p.weight for p in active.values())
+    target = {pid: KEY_SPACE * p.weight / total_w for pid, p in active.items()}
+    load = dict.fromkeys(active, 0)
+    for r, owner in zip(routes, owners):
+        load[owner] += r.end - r.start
+    # Candidate moves: slices of over-loaded pods, least attached first (lowest
+    # rendezvous score for their owner), each to the under-loaded pod that
+    # scores highest for it. Deterministic for a given input.
+    candidates = sorted(
+        (i for i, o in enumerate(owners) if load[o] > target[o]),
+        key=lambda i: (score(active[owners[i]], routes[i].start), i),
+    )
+    for i in candidates:
+        owner = owners[i]
+        width = routes[i].end - routes[i].start
+        # Move only if the owner stays at or above target minus half a slice.
+        if load[owner] - width < target[owner] - width / 2:
+            continue
+        under = [active[p] for p in active if load[p] + width / 2 <= target[p]]
+        if not under:
+            break
+        dest = rank(under, routes[i].start)[0].id
+        owners[i] = dest
+        epochs[i] = generation
+        load[owner] -= width
+        load[dest] += width
+
+
+def make_pods(specs: Iterable[tuple[str, str, float, str]]) -> dict[str, Pod]:
+    """Pods from ``(id, url, weight, state)`` tuples, validated like a table's."""
+    raw: dict[str, Any] = {}
+    for pid, url, weight, state in specs:
+        if pid in raw:
+            raise AssignmentError(f"pods.{pid}: listed twice")
+        raw[pid] = {"url": url, "weight": weight, "state": state}
+    return _parse_pods(raw)

@@ -1,0 +1,254 @@
+"""Command line: ``keyroute check|lookup|gen|run|demo``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import orjson
+
+from . import assignment as core
+from .config import FLAG_KEYS, ConfigError, Settings
+from .config import load as load_settings
+
+
+class UsageError(Exception):
+    """A bad argument; printed without a traceback, exit code 2."""
+
+
+def _read_table(path: str) -> core.Assignment:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise core.AssignmentError(f"cannot read table {path!r}: {exc.strerror}") from None
+    return core.parse(data)
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.2f}%"
+
+
+def _describe(table: core.Assignment, out: TextIO) -> None:
+    kind = "generated" if table.generated else "explicit"
+    print(f"generation: {table.generation}", file=out)
+    print(f"slices: {table.slice_count} ({kind})", file=out)
+    print(f"pods: {len(table.pods)}", file=out)
+    shares = table.shares()
+    width = max(len(p) for p in table.pods)
+    for pod in table.pods.values():
+        extra = [f"weight {pod.weight:g}"] if pod.weight != 1.0 else []
+        if not pod.active:
+            extra.append(pod.state)
+        tail = f"  ({', '.join(extra)})" if extra else ""
+        print(f"  {pod.id:<{width}}  {pod.url:<28} {_pct(shares[pod.id]):>8}{tail}", file=out)
+
+
+def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
+    if args.config:
+        settings = load_settings(args.config, env={})
+        print(f"config {args.config}: ok", file=out)
+        src = settings.assignment.source
+        if args.file is None and src.startswith("file:"):
+            args.file = _resolve_source_path(src, args.config)
+    if args.file is None:
+        if args.config:
+            return 0
+        raise UsageError("check: give a table FILE, or --config FILE")
+    table = _read_table(args.file)
+    print(f"table {args.file}: ok", file=out)
+    _describe(table, out)
+    return 0
+
+
+def _resolve_source_path(source: str, config_path: str | None = None) -> str:
+    """``file:PATH`` -> PATH. Relative paths are relative to the working directory."""
+    del config_path
+    return source[len("file:") :]
+
+
+def cmd_lookup(args: argparse.Namespace, out: TextIO) -> int:
+    table = _read_table(args.file)
+    rows = []
+    for key in args.keys:
+        raw = key.encode("utf-8", "surrogateescape")
+        pos = core.position(raw)
+        r = table.lookup_position(pos)
+        rows.append(
+            {
+                "key": key,
+                "position": pos,
+                "position_hex": f"0x{pos:016x}",
+                "slice": r.index,
+                "slice_start": f"0x{r.start:016x}",
+                "owner": r.pod.id,
+                "url": r.pod.url,
+                "epoch": r.epoch,
+                "backups": list(r.backups),
+                "generation": table.generation,
+            }
+        )
+    if args.json:
+        out.write(orjson.dumps(rows if len(rows) != 1 else rows[0], option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    for row in rows:
+        backups = ",".join(row["backups"]) or "-"
+        print(
+            f"{row['key']}\tposition={row['position']} ({row['position_hex']})\towner={row['owner']}"
+            f"\tepoch={row['epoch']}\tbackups={backups}\tslice={row['slice']}",
+            file=out,
+        )
+    return 0
+
+
+def _parse_pod_arg(text: str) -> tuple[str, str, float, str]:
+    """``id=url[,weight=N][,state=draining]``."""
+    head, *opts = text.split(",")
+    pid, sep, url = head.partition("=")
+    if not sep or not pid or not url:
+        raise UsageError(f"--pod {text!r}: expected id=http://host:port[,weight=N]")
+    weight, state = 1.0, "active"
+    for opt in opts:
+        k, _, v = opt.partition("=")
+        if k == "weight":
+            try:
+                weight = float(v)
+            except ValueError:
+                raise UsageError(f"--pod {text!r}: weight {v!r} is not a number") from None
+        elif k == "state":
+            state = v
+        else:
+            raise UsageError(f"--pod {text!r}: unknown option {k!r} (weight, state)")
+    return pid, url, weight, state
+
+
+def cmd_gen(args: argparse.Namespace, out: TextIO) -> int:
+    old = _read_table(args.from_) if args.from_ else None
+    specs = [_parse_pod_arg(p) for p in args.pod]
+    if not specs:
+        if old is None:
+            raise UsageError("gen: give at least one --pod id=url, or --from OLD")
+        specs = [(p.id, p.url, p.weight, p.state) for p in old.pods.values()]
+    for drain in args.drain:
+        for i, s in enumerate(specs):
+            if s[0] == drain:
+                specs[i] = (s[0], s[1], s[2], "draining")
+                break
+        else:
+            raise UsageError(f"--drain {drain!r}: no such pod (pods: {', '.join(s[0] for s in specs)})")
+    pods = core.make_pods(specs)
+    now_ms = int(time.time() * 1000)
+    if old is None:
+        generation = args.generation or now_ms
+        new = core.generate(generation, pods, args.slices or core.DEFAULT_SLICE_COUNT)
+    else:
+        if args.slices:
+            raise UsageError("gen: --slices cannot be combined with --from (slices are kept from OLD)")
+        generation = args.generation or max(now_ms, old.generation + 1)
+        new = core.evolve(old, pods, generation, rebalance=args.rebalance)
+    data = new.dumps(explicit=True)
+    if args.out:
+        _atomic_write(args.out, data)
+    else:
+        sys.stdout.buffer.write(data) if out is sys.stdout else out.write(data.decode())
+    report = sys.stderr if not args.out else out
+    print(f"generation {new.generation}, {new.slice_count} slices, {len(pods)} pods", file=report)
+    if old is not None:
+        print(f"moved: {_pct(core.moved_share(old, new))} of the key space", file=report)
+    for pid, share in new.shares().items():
+        print(f"  {pid}: {_pct(share)}", file=report)
+    return 0
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Write to a temp file in the same folder, then rename over ``path``, so a
+    watcher never sees a half-written table."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".keyroute-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {FLAG_KEYS[k]: getattr(args, k) for k in FLAG_KEYS}
+    return load_settings(args.config, overrides=overrides)
+
+
+def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+    settings = settings_from_args(args)
+    from . import server
+
+    return server.main(settings)
+
+
+def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
+    from . import demo
+
+    return demo.main(args.listen, args.admin, out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="keyroute", description="Key-affinity HTTP routing proxy.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("check", help="validate a table (or a config with --config)")
+    c.add_argument("file", nargs="?", help="assignment table (JSON)")
+    c.add_argument("--config", help="validate this keyroute.toml too (and its table if file:)")
+    c.set_defaults(func=cmd_check)
+
+    lk = sub.add_parser("lookup", help="where keys go under a table")
+    lk.add_argument("file", help="assignment table (JSON)")
+    lk.add_argument("keys", nargs="+", metavar="KEY")
+    lk.add_argument("--json", action="store_true", help="machine-readable output")
+    lk.set_defaults(func=cmd_lookup)
+
+    g = sub.add_parser("gen", help="write an explicit table")
+    g.add_argument("--pod", action="append", default=[], metavar="ID=URL[,weight=N]")
+    g.add_argument("--from", dest="from_", metavar="OLD", help="evolve OLD, moving as little as possible")
+    g.add_argument("--drain", action="append", default=[], metavar="ID", help="mark a pod draining")
+    g.add_argument("--rebalance", action="store_true", help="with --from: also move slices to reach fair shares")
+    g.add_argument("--slices", type=int, help=f"slice count (default {core.DEFAULT_SLICE_COUNT})")
+    g.add_argument("--generation", type=int, help="generation (default: now in ms, above OLD's)")
+    g.add_argument("--out", "-o", help="write here atomically (default: stdout)")
+    g.set_defaults(func=cmd_gen)
+
+    r = sub.add_parser("run", help="run the proxy")
+    r.add_argument("--config", help="keyroute.toml (default: built-in defaults)")
+    r.add_argument("--listen", help="proxy address host:port")
+    r.add_argument("--admin", help="admin address host:port")
+    r.add_argument("--assignment", help="table source: file:PATH or http(s)://URL")
+    r.add_argument("--workers", help="worker processes (N or auto)")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="three local pods, a table and the proxy, on loopback")
+    d.add_argument("--listen", default="127.0.0.1:8080", help="proxy address (default 127.0.0.1:8080)")
+    d.add_argument("--admin", default="127.0.0.1:9901", help="admin address (default 127.0.0.1:9901)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    out = sys.stdout if out is None else out
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args, out))
+    except core.AssignmentError as exc:
+        print(f"keyroute {args.command}: invalid table: {exc}", file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        print(f"keyroute {args.command}: config error: {exc}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"keyroute {args.command}: {exc}", file=sys.stderr)
+        return 2

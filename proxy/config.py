@@ -1,0 +1,284 @@
+"""Settings: one frozen object, defaults in one place.
+
+Layers, each overriding the previous: built-in defaults, a TOML file,
+``KEYROUTE_<SECTION>_<KEY>`` environment variables, command-line flags.
+Unknown keys and bad values raise ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "KEYROUTE_"
+# Environment variables with this prefix that are not settings.
+ENV_NON_SETTINGS = frozenset({"KEYROUTE_CONFIG"})
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has a bad value; the message names it."""
+
+
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """``"250ms"``, ``"2s"``, ``"1m"``, ``"1h"`` (or a number of seconds) -> seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration like \"250ms\" or \"2s\", got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ConfigError(f"{key}: expected a duration like \"250ms\" or \"2s\", got {value!r}")
+    if seconds < 0:
+        raise ConfigError(f"{key}: duration must not be negative, got {value!r}")
+    return seconds
+
+
+def parse_address(value: Any, key: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> (host, port). Port 0 picks a free port."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected \"host:port\", got {value!r}")
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{key}: expected \"host:port\" (like \"127.0.0.1:8080\"), got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class Duration:
+    """Marker for fields given as duration strings."""
+
+
+def _dur(default: str) -> Any:
+    return field(default=parse_duration(default, "default"), metadata={"kind": "duration", "text": default})
+
+
+def _addr(default: str) -> Any:
+    return field(default=default, metadata={"kind": "address"})
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    listen: str = _addr("127.0.0.1:8080")
+    workers: int | str = 1  # or "auto": one per core
+    key_header: str = "X-Routing-Key"
+    missing_key: str = "reject"  # reject | random | pod:<id>
+    response_headers: bool = True
+    header_timeout: float = _dur("10s")  # whole request head
+    body_timeout: float = _dur("30s")  # idle time between body reads
+    idle_timeout: float = _dur("60s")  # client keep-alive
+    max_header_bytes: int = 65536  # request line + headers; 431 above
+    max_body_bytes: int = 0  # 0: no limit; 413 above
+    shutdown_timeout: float = _dur("30s")
+    via: str = "keyroute"  # our token in Via; loop detection looks for it
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentSettings:
+    source: str = "file:config/assignment.json"
+    watch: str = "auto"  # auto | poll
+    poll_interval: float = _dur("1s")
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    listen: str = _addr("127.0.0.1:9901")
+    token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    connect_timeout: float = _dur("2s")
+    response_timeout: float = _dur("60s")
+    idle_timeout: float = _dur("60s")
+    retries: int = 2
+    failover: str = "backups"  # backups | any | none
+    max_idle_per_pod: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    assignment: AssignmentSettings = field(default_factory=AssignmentSettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+
+    # Derived values, computed once.
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        return parse_address(self.proxy.listen, "proxy.listen")
+
+    @property
+    def admin_address(self) -> tuple[str, int]:
+        return parse_address(self.admin.listen, "admin.listen")
+
+    @property
+    def worker_count(self) -> int:
+        w = self.proxy.workers
+        return (os.cpu_count() or 1) if w == "auto" else int(w)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "proxy": ProxySettings,
+    "assignment": AssignmentSettings,
+    "admin": AdminSettings,
+    "upstream": UpstreamSettings,
+}
+
+# Flag name -> dotted key.
+FLAG_KEYS = {
+    "listen": "proxy.listen",
+    "admin": "admin.listen",
+    "assignment": "assignment.source",
+    "workers": "proxy.workers",
+}
+
+
+def _coerce(section: str, f: dataclasses.Field[Any], value: Any, from_text: bool) -> Any:
+    key = f"{section}.{f.name}"
+    kind = f.metadata.get("kind")
+    if kind == "duration":
+        return parse_duration(value, key)
+    if kind == "address":
+        parse_address(value, key)
+        return value
+    default = f.default
+    if isinstance(default, bool):
+        if from_text and isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int) and f.name != "workers":
+        if from_text and isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key}: expected a non-negative integer, got {value!r}")
+        return value
+    if f.name == "workers":
+        if value == "auto":
+            return value
+        if from_text and isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}: expected a positive integer or \"auto\", got {value!r}")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _check(s: Settings) -> None:
+    """Cross-field checks, once at load."""
+    p = s.proxy
+    if p.missing_key not in ("reject", "random") and not (
+        p.missing_key.startswith("pod:") and len(p.missing_key) > 4
+    ):
+        raise ConfigError(f"proxy.missing_key: expected reject, random or \"pod:<id>\", got {p.missing_key!r}")
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", p.key_header):
+        raise ConfigError(f"proxy.key_header: {p.key_header!r} is not a valid header name")
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", p.via):
+        raise ConfigError(f"proxy.via: {p.via!r} must be a single token")
+    if p.max_header_bytes < 1024:
+        raise ConfigError(f"proxy.max_header_bytes: {p.max_header_bytes} is below the minimum 1024")
+    if s.assignment.watch not in ("auto", "poll"):
+        raise ConfigError(f"assignment.watch: expected auto or poll, got {s.assignment.watch!r}")
+    src = s.assignment.source
+    if not (src.startswith("file:") and len(src) > 5) and not src.startswith(("http://", "https://")):
+        raise ConfigError(f"assignment.source: expected \"file:PATH\" or an http(s):// URL, got {src!r}")
+    if s.upstream.failover not in ("backups", "any", "none"):
+        raise ConfigError(f"upstream.failover: expected backups, any or none, got {s.upstream.failover!r}")
+    for key, v in (("upstream.connect_timeout", s.upstream.connect_timeout), ("upstream.response_timeout", s.upstream.response_timeout)):
+        if v <= 0:
+            raise ConfigError(f"{key}: must be above zero")
+
+
+def _apply(base: Settings, layer: Mapping[str, Mapping[str, Any]], from_text: bool, origin: str) -> Settings:
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = layer.get(name)
+        current = getattr(base, name)
+        if not values:
+            sections[name] = current
+            continue
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        changes = {}
+        for k, v in values.items():
+            if k not in fields:
+                raise ConfigError(f"{name}.{k}: unknown key in {origin} (known: {', '.join(fields)})")
+            changes[k] = _coerce(name, fields[k], v, from_text)
+        sections[name] = dataclasses.replace(current, **changes)
+    return Settings(**sections)
+
+
+def _from_toml(doc: Mapping[str, Any], origin: str) -> dict[str, dict[str, Any]]:
+    layer: dict[str, dict[str, Any]] = {}
+    for name, values in doc.items():
+        if name not in _SECTIONS:
+            raise ConfigError(f"{name}: unknown section in {origin} (known: {', '.join(_SECTIONS)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name}: expected a [{name}] table in {origin}")
+        layer[name] = values
+    return layer
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    layer: dict[str, dict[str, Any]] = {}
+    for var, value in env.items():
+        if not var.startswith(ENV_PREFIX) or var in ENV_NON_SETTINGS:
+            continue
+        rest = var[len(ENV_PREFIX) :].lower()
+        section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
+        if section is None:
+            raise ConfigError(
+                f"{var}: unknown setting (expected KEYROUTE_<SECTION>_<KEY> with a section of {', '.join(_SECTIONS)})"
+            )
+        layer.setdefault(section, {})[rest[len(section) + 1 :]] = value
+    return layer
+
+
+def load(
+    path: str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build settings from defaults, the TOML file at ``path``, the environment
+    and ``overrides`` (dotted keys like ``"proxy.listen"``, from flags)."""
+    env = os.environ if env is None else env
+    settings = Settings()
+    if path is None:
+        path = env.get("KEYROUTE_CONFIG") or None
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                doc = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} not found") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path!r}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path!r}: not valid TOML: {exc}") from None
+        settings = _apply(settings, _from_toml(doc, path), False, path)
+    settings = _apply(settings, _from_env(env), True, "the environment")
+    if overrides:
+        layer: dict[str, dict[str, Any]] = {}
+        for dotted, v in overrides.items():
+            if v is None:
+                continue
+            section, _, key = dotted.partition(".")
+            layer.setdefault(section, {})[key] = v
+        settings = _apply(settings, layer, True, "the command line")
+    _check(settings)
+    return settings
