@@ -1,0 +1,1020 @@
+"""The data plane: an HTTP/1.1 forwarder on uvloop + httptools.
+
+One ``ClientProtocol`` per client connection parses requests with httptools,
+routes each by its key and streams it to the owner pod over a pooled
+``UpstreamConnection``; the response streams back the same way. Requests on
+one connection are served one at a time, in order; pipelined requests wait,
+parsed, while client reading is paused, so buffering stays bounded.
+
+Framing is never passed through blindly: request bodies are re-framed from
+what the parser decoded (Content-Length as given, chunked re-chunked, trailers
+dropped), and anything ambiguous is answered with 400 and the connection is
+closed before a byte reaches a pod.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httptools
+
+from . import wire
+from .assignment import Assignment, Route
+from .config import Settings
+from .upstream import Pool, UpstreamConnection, Upstreams
+
+# Reasons client reading is paused (a bit each).
+_PAUSE_PIPELINE = 1
+_PAUSE_UPSTREAM = 2
+_PAUSE_BUFFER = 4
+
+# Request body bytes buffered while no pod connection is ready.
+_MAX_PENDING = 256 * 1024
+
+# What the client connection's single timer is guarding.
+_T_IDLE, _T_HEAD, _T_BODY = 1, 2, 3
+
+# Request headers that get special handling (lower-case -> tag).
+_H_DROP, _H_CL, _H_TE, _H_CONN, _H_VIA, _H_XFF, _H_HOST, _H_UPGRADE, _H_XF = range(9)
+_REQ_SPECIAL = {name: _H_DROP for name in wire.HOP_BY_HOP}
+_REQ_SPECIAL.update(
+    {
+        b"content-length": _H_CL,
+        b"transfer-encoding": _H_TE,
+        b"connection": _H_CONN,
+        b"via": _H_VIA,
+        b"x-forwarded-for": _H_XFF,
+        b"host": _H_HOST,
+        b"upgrade": _H_UPGRADE,
+        b"x-forwarded-proto": _H_XF,
+        b"x-forwarded-host": _H_XF,
+    }
+)
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class RoutingTable:
+    """An ``Assignment`` plus the header bytes the wire needs per slice, built
+    lazily. Swapped as one reference; exchanges keep the one they started with."""
+
+    __slots__ = ("assignment", "generation", "_req_tags", "_resp_tags", "_fixed")
+
+    def __init__(self, assignment: Assignment) -> None:
+        self.assignment = assignment
+        self.generation = assignment.generation
+        n = assignment.slice_count
+        self._req_tags: list[bytes | None] = [None] * n
+        self._resp_tags: list[bytes | None] = [None] * n
+        self._fixed: dict[str, Route] = {}
+
+    def request_tag(self, route: Route) -> bytes:
+        i = route.index
+        tag = self._req_tags[i] if i >= 0 else None
+        if tag is None:
+            tag = (
+                b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\nX-Keyroute-Epoch: %d\r\nX-Keyroute-Role: owner\r\n"
+                % (route.pod.id.encode(), route.generation, route.epoch)
+            )
+            if i >= 0:
+                self._req_tags[i] = tag
+        return tag
+
+    def response_tag(self, route: Route) -> bytes:
+        i = route.index
+        tag = self._resp_tags[i] if i >= 0 else None
+        if tag is None:
+            tag = b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\n" % (route.pod.id.encode(), route.generation)
+            if i >= 0:
+                self._resp_tags[i] = tag
+        return tag
+
+    def fixed_route(self, pod_id: str) -> Route | None:
+        """A route to a named pod (``missing_key = "pod:<id>"``)."""
+        route = self._fixed.get(pod_id)
+        if route is None:
+            pod = self.assignment.pods.get(pod_id)
+            if pod is None:
+                return None
+            g = self.generation
+            route = self._fixed[pod_id] = Route(-1, 0, 0, pod, g, (), g)
+        return route
+
+
+class Runtime:
+    """Shared state of one worker: settings, the table in force, pools, live
+    connections. Passed to every protocol instance; no module globals."""
+
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+        self.settings = settings
+        self.loop = loop
+        p = settings.proxy
+        self.key_header = p.key_header.lower().encode()
+        self.via_token = p.via.encode()
+        self.via_lower = p.via.lower().encode()
+        self.response_headers = p.response_headers
+        self.missing_key = p.missing_key
+        self.header_timeout = p.header_timeout
+        self.body_timeout = p.body_timeout
+        self.idle_timeout = p.idle_timeout
+        self.max_header_bytes = p.max_header_bytes
+        self.max_body_bytes = p.max_body_bytes
+        self.table: RoutingTable | None = None
+        self.upstreams = Upstreams(loop, settings.upstream)
+        self.connections: set[ClientProtocol] = set()
+        self.closing = False
+        self.requests = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+
+    def set_assignment(self, assignment: Assignment) -> None:
+        """Publish a new table: one reference assignment."""
+        self.table = RoutingTable(assignment)
+
+    def pool_for(self, route: Route) -> Pool:
+        pod = route.pod
+        return self.upstreams.pool(pod.id, pod.host, pod.port)
+
+
+class _Reject(Exception):
+    """Raised from a parser callback to stop parsing; the reason is on the protocol."""
+
+
+class Exchange:
+    """One request and its response."""
+
+    __slots__ = (
+        "client",
+        "headers",
+        "url",
+        "method",
+        "http11",
+        "keep_alive",
+        "upgrade",
+        "head_done",
+        "req_done",
+        "req_chunked",
+        "req_length",
+        "body_bytes",
+        "head",
+        "pending",
+        "pending_size",
+        "conn",
+        "sent",
+        "route",
+        "table",
+        "error",
+        "resp_started",
+        "out_chunked",
+        "close_after",
+        "retried",
+    )
+
+    def __init__(self, client: ClientProtocol) -> None:
+        self.client = client
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.url = b""
+        self.method = b""
+        self.http11 = True
+        self.keep_alive = True
+        self.upgrade = False
+        self.head_done = False
+        self.req_done = False
+        self.req_chunked = False
+        self.req_length = -1
+        self.body_bytes = 0
+        self.head = b""
+        self.pending: list[bytes] | None = None
+        self.pending_size = 0
+        self.conn: UpstreamConnection | None = None
+        self.sent = False
+        self.route: Route | None = None
+        self.table: RoutingTable | None = None
+        self.error: tuple[int, str, str] | None = None
+        self.resp_started = False
+        self.out_chunked = False
+        self.close_after = False
+        self.retried = False
+
+    # -- events from the upstream connection --------------------------------
+
+    def client_write(self, data: bytes) -> None:
+        self.client.write(data)
+
+    def client_write_eof(self) -> None:
+        self.client.write_eof()
+
+    def upstream_interim(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        if not self.http11:
+            return  # HTTP/1.0 clients do not get 1xx responses (RFC 9110 §15.2)
+        parts = [wire.status_line(status, reason)]
+        for name, value in headers:
+            lname = name.lower()
+            if lname not in wire.HOP_BY_HOP:
+                parts.append(name + b": " + value + b"\r\n")
+        parts.append(wire.CRLF)
+        self.client.write(b"".join(parts))
+
+    def upstream_head(
+        self, conn: UpstreamConnection, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        self.resp_started = True
+        client = self.client
+        parts = [wire.status_line(status, reason)]
+        drop: list[bytes] | None = None
+        upgrade_value = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname in wire.HOP_BY_HOP:
+                if lname == b"connection":
+                    drop = wire.connection_tokens(value)
+                elif lname == b"upgrade":
+                    upgrade_value = value
+                continue
+            if lname.startswith(b"x-keyroute-"):
+                continue
+            parts.append(name + b": " + value + b"\r\n")
+        if drop:
+            # Headers the pod named in Connection are hop-by-hop too.
+            parts = [parts[0]] + [p for p in parts[1:] if p.split(b":", 1)[0].lower() not in drop]
+        if status == 101:
+            parts.append(b"Connection: upgrade\r\n")
+            if upgrade_value is not None:
+                parts.append(b"Upgrade: " + upgrade_value + b"\r\n")
+        else:
+            no_body = self.method == b"HEAD" or status in _NO_BODY_STATUS
+            if not no_body and conn.resp_length < 0:
+                # Chunked or close-delimited from the pod: chunked to an
+                # HTTP/1.1 client, close-delimited to an HTTP/1.0 one.
+                if self.http11:
+                    self.out_chunked = True
+                    parts.append(b"Transfer-Encoding: chunked\r\n")
+                else:
+                    self.close_after = True
+            if self.upgrade or not self.req_done or not self.keep_alive or client.runtime.closing:
+                # An early response leaves the request body unread, and a
+                # refused upgrade may be followed by non-HTTP bytes: close.
+                self.close_after = True
+            if self.close_after:
+                parts.append(b"Connection: close\r\n")
+            elif not self.http11:
+                parts.append(b"Connection: keep-alive\r\n")
+        if client.runtime.response_headers and self.route is not None and self.table is not None:
+            parts.append(self.table.response_tag(self.route))
+        parts.append(wire.CRLF)
+        client.write(b"".join(parts))
+
+    def upstream_body(self, data: bytes) -> None:
+        if self.out_chunked:
+            self.client.write(wire.chunk(data))
+        else:
+            self.client.write(data)
+
+    def upstream_done(self, conn: UpstreamConnection, *, close_delimited: bool) -> None:
+        if self.out_chunked:
+            self.client.write(wire.CHUNK_END)
+        self.conn = None
+        if not close_delimited and not conn.closed:
+            if self.req_done and not conn.head_only and conn.parser.should_keep_alive():
+                conn.release()
+            else:
+                conn.discard()
+        self.client.exchange_done(self)
+
+    def upstream_failed(self, conn: UpstreamConnection, status: int, code: str, detail: str) -> None:
+        self.conn = None
+        client = self.client
+        if client.exchange is not self:
+            return
+        if (
+            conn.reused
+            and not conn.got_bytes
+            and not self.retried
+            and not self.resp_started
+            and self.req_length <= 0
+            and not self.req_chunked
+            and self.method in wire.IDEMPOTENT
+        ):
+            # A pooled connection the pod had already closed: safe to resend
+            # a bodiless idempotent request once on a fresh connection.
+            self.retried = True
+            self.pending = [self.head]
+            self.pending_size = 0
+            self.sent = False
+            client.connect(self, client.runtime.pool_for(self.route) if self.route else conn.pool)
+            return
+        client.runtime.errors[code] += 1
+        if self.resp_started:
+            client.abort()
+        else:
+            client.send_error(self, status, code, detail)
+
+    def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        self.client.start_tunnel(conn)
+        if rest:
+            self.client.write(rest)
+
+    def upstream_tunnel_closed(self) -> None:
+        self.client.close()
+
+
+class ClientProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    __slots__ = (
+        "runtime",
+        "loop",
+        "transport",
+        "parser",
+        "exchange",
+        "parsing",
+        "queue",
+        "paused_mask",
+        "write_paused",
+        "deadline",
+        "timer",
+        "timer_kind",
+        "head_bytes",
+        "reject",
+        "final_error",
+        "dead",
+        "closed",
+        "peer",
+        "upgrading",
+        "tunnel",
+    )
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.loop = runtime.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.exchange: Exchange | None = None  # the one being served
+        self.parsing: Exchange | None = None  # the one the parser fills
+        self.queue: collections.deque[Exchange] = collections.deque()
+        self.paused_mask = 0
+        self.write_paused = False
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_kind = _T_IDLE
+        self.head_bytes = 0
+        self.reject: tuple[int, str, str] | None = None
+        self.final_error: bytes | None = None
+        self.dead = False  # no more requests are parsed
+        self.closed = False
+        self.peer = b""
+        self.upgrading = False
+        self.tunnel: UpstreamConnection | None = None
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = str(peer[0]).encode()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+        self.runtime.connections.add(self)
+        self._arm(_T_IDLE, self.runtime.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.runtime.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.tunnel is not None:
+            self.tunnel.write_eof()
+            self.tunnel.discard()
+            self.tunnel = None
+        ex = self.exchange
+        if ex is not None and ex.conn is not None:
+            ex.conn.exchange = None
+            ex.conn.discard()
+            ex.conn = None
+        self.exchange = None
+        self.queue.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        if self.upgrading:
+            self._forward_raw(data)
+            return
+        if self.dead:
+            return
+        if self.timer_kind == _T_BODY:
+            self.deadline = self.loop.time() + self.runtime.body_timeout
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._begin_upgrade(data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            reject = self.reject or (400, "bad_request", f"malformed HTTP request: {exc}")
+            self._fail_connection(*reject)
+            return
+        ex = self.parsing
+        if ex is not None and not ex.head_done:
+            self.head_bytes += len(data)
+            if self.head_bytes > self.runtime.max_header_bytes:
+                self._fail_connection(
+                    431, "headers_too_large", f"request head exceeds {self.runtime.max_header_bytes} bytes"
+                )
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            self.tunnel.write_eof()
+            return True
+        ex = self.exchange
+        if ex is not None and not ex.req_done:
+            return None  # the request was cut short: close
+        # The client is done sending; let the response in progress finish.
+        self.dead = True
+        if ex is None:
+            return None
+        return True
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        conn = self.tunnel or (self.exchange.conn if self.exchange is not None else None)
+        if conn is not None:
+            conn.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        conn = self.tunnel or (self.exchange.conn if self.exchange is not None else None)
+        if conn is not None:
+            conn.resume_reading()
+
+    # -- httptools callbacks ------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        ex = Exchange(self)
+        self.parsing = ex
+        self.head_bytes = 0
+        if self.exchange is None:
+            self.exchange = ex
+            self._arm(_T_HEAD, self.runtime.header_timeout)
+        else:
+            # Pipelined: hold it parsed until its turn, and read no further.
+            self.queue.append(ex)
+            self.pause_reading_for(_PAUSE_PIPELINE)
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        if ex.head_done:
+            return  # a trailer of a chunked body: dropped
+        ex.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        ex.head_done = True
+        rt = self.runtime
+        size = len(ex.url) + sum(len(n) + len(v) + 4 for n, v in ex.headers)
+        if size > rt.max_header_bytes:
+            self._reject(431, "headers_too_large", f"request head exceeds {rt.max_header_bytes} bytes")
+        parser = self.parser
+        ex.method = method = parser.get_method()
+        ex.http11 = parser.get_http_version() == "1.1"
+        ex.keep_alive = parser.should_keep_alive()
+        if method == b"CONNECT":
+            self._reject(405, "method_not_allowed", "CONNECT is not supported by a reverse proxy")
+        key_name = rt.key_header
+        key: bytes | None = None
+        keys = 0
+        te = b""
+        host = b""
+        via = b""
+        xff = b""
+        upgrade = b""
+        drop: list[bytes] | None = None
+        out = [method, b" ", ex.url, b" HTTP/1.1\r\n"]
+        special = _REQ_SPECIAL
+        for name, value in ex.headers:
+            lname = name.lower()
+            if lname == key_name:
+                keys += 1
+                key = value
+            tag = special.get(lname)
+            if tag is None:
+                if lname.startswith(b"x-keyroute-"):
+                    continue
+                out.append(name + b": " + value + b"\r\n")
+                continue
+            if tag == _H_CL:
+                ex.req_length = int(value)
+                out.append(b"Content-Length: " + value + b"\r\n")
+            elif tag == _H_TE:
+                te = value
+                ex.req_chunked = True
+            elif tag == _H_CONN:
+                drop = wire.connection_tokens(value) if drop is None else drop + wire.connection_tokens(value)
+            elif tag == _H_HOST:
+                host = value
+                out.append(b"Host: " + value + b"\r\n")
+            elif tag == _H_VIA:
+                via = value if not via else via + b", " + value
+            elif tag == _H_XFF:
+                xff = value if not xff else xff + b", " + value
+            elif tag == _H_UPGRADE:
+                upgrade = value
+        if keys > 1:
+            self._reject(400, "duplicate_key", f"more than one {rt.settings.proxy.key_header} header")
+        if drop:
+            drop_set = set(drop) - {b"content-length", b"host", b"transfer-encoding"}
+            out = out[:4] + [p for p in out[4:] if p.split(b":", 1)[0].lower() not in drop_set]
+        if via and rt.via_lower in via.lower():
+            self._error(
+                ex,
+                508,
+                "loop_detected",
+                f"request already passed through {rt.settings.proxy.via} (Via: {via.decode('latin-1')})",
+            )
+            return
+        if ex.req_length > 0 or ex.req_chunked:
+            limit = rt.max_body_bytes
+            if limit and ex.req_length > limit:
+                self._error(ex, 413, "body_too_large", f"request body of {ex.req_length} bytes exceeds {limit}")
+                return
+        table = rt.table
+        if table is None:
+            self._error(ex, 503, "no_table", "no assignment table is in force yet")
+            return
+        ex.table = table
+        if key is not None:
+            route = table.assignment.lookup(key)
+        elif rt.missing_key == "reject":
+            self._error(ex, 400, "missing_key", f"request has no {rt.settings.proxy.key_header} header")
+            return
+        elif rt.missing_key == "random":
+            route = table.assignment.lookup_position(random.getrandbits(64))
+        else:
+            fixed = table.fixed_route(rt.missing_key[4:])
+            if fixed is None:
+                self._error(
+                    ex, 503, "no_route", f"missing_key names pod {rt.missing_key[4:]!r}, which is not in the table"
+                )
+                return
+            route = fixed
+        ex.route = route
+        if not host:
+            pod = route.pod
+            host = b"%s:%d" % (pod.host.encode(), pod.port)
+            out.append(b"Host: " + host + b"\r\n")
+        if te:
+            out.append(b"Transfer-Encoding: " + te + b"\r\n")
+        if parser.should_upgrade() and upgrade:
+            ex.upgrade = True
+            out.append(b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n")
+        version = b"1.1 " if ex.http11 else b"1.0 "
+        out.append(b"Via: " + (via + b", " if via else b"") + version + rt.via_token + b"\r\n")
+        out.append(b"X-Forwarded-For: " + (xff + b", " if xff else b"") + self.peer + b"\r\n")
+        out.append(b"X-Forwarded-Proto: http\r\n")
+        if host:
+            out.append(b"X-Forwarded-Host: " + host + b"\r\n")
+        out.append(table.request_tag(route))
+        out.append(wire.CRLF)
+        ex.head = b"".join(out)
+        ex.pending = [ex.head]
+        if ex is self.exchange:
+            if ex.req_length > 0 or ex.req_chunked:
+                self._arm(_T_BODY, rt.body_timeout)
+            else:
+                self.deadline = 0.0
+            self._dispatch(ex)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        assert ex is not None
+        if ex.error is not None:
+            return
+        ex.body_bytes += len(body)
+        limit = self.runtime.max_body_bytes
+        if limit and ex.body_bytes > limit:
+            self._reject(413, "body_too_large", f"request body exceeds {limit} bytes")
+        data = wire.chunk(body) if ex.req_chunked else body
+        if ex.sent:
+            assert ex.conn is not None
+            ex.conn.write(data)
+        else:
+            assert ex.pending is not None
+            ex.pending.append(data)
+            ex.pending_size += len(data)
+            if ex.pending_size > _MAX_PENDING:
+                self.pause_reading_for(_PAUSE_BUFFER)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        assert ex is not None
+        self.parsing = None
+        ex.req_done = True
+        if not ex.keep_alive or ex.upgrade:
+            self.dead = True
+        if ex is self.exchange and self.timer_kind == _T_BODY:
+            self.deadline = 0.0
+        if ex.error is not None:
+            if ex is self.exchange and not ex.resp_started:
+                self.send_error(ex, *ex.error)
+            return
+        if ex.req_chunked:
+            if ex.sent:
+                assert ex.conn is not None
+                ex.conn.write(wire.CHUNK_END)
+            else:
+                assert ex.pending is not None
+                ex.pending.append(wire.CHUNK_END)
+
+    # -- routing and dispatch -------------------------------------------------
+
+    def _dispatch(self, ex: Exchange) -> None:
+        assert ex.route is not None
+        pool = self.runtime.pool_for(ex.route)
+        conn = pool.take()
+        if conn is not None:
+            self._attach(ex, conn)
+        else:
+            self.connect(ex, pool)
+
+    def connect(self, ex: Exchange, pool: Pool) -> None:
+        self.loop.create_task(self._connect(ex, pool))
+
+    async def _connect(self, ex: Exchange, pool: Pool) -> None:
+        try:
+            conn = await pool.connect()
+        except TimeoutError:
+            self._connect_failed(
+                ex,
+                504,
+                "connect_timeout",
+                f"connecting to pod {pool.pod_id} ({pool.host}:{pool.port}) timed out after {pool.connect_timeout:g}s",
+            )
+            return
+        except OSError as exc:
+            self._connect_failed(
+                ex,
+                502,
+                "connect_failed",
+                f"cannot connect to pod {pool.pod_id} ({pool.host}:{pool.port}): {exc.strerror or exc}",
+            )
+            return
+        if self.closed or self.exchange is not ex:
+            pool.put(conn)
+            return
+        self._attach(ex, conn)
+
+    def _connect_failed(self, ex: Exchange, status: int, code: str, detail: str) -> None:
+        if self.closed or self.exchange is not ex:
+            return
+        self.runtime.errors[code] += 1
+        self.send_error(ex, status, code, detail)
+
+    def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
+        ex.conn = conn
+        pending = ex.pending
+        assert pending is not None
+        ex.pending = None
+        ex.sent = True
+        self.runtime.requests += 1
+        conn.send(ex, pending[0] if len(pending) == 1 else b"".join(pending), head_only=ex.method == b"HEAD")
+        ex.pending_size = 0
+        if self.paused_mask & _PAUSE_BUFFER:
+            self.resume_reading_for(_PAUSE_BUFFER)
+        if self.write_paused:
+            conn.pause_reading()
+
+    def _forward_raw(self, data: bytes) -> None:
+        """Bytes after an upgrade request, before the pod answered it."""
+        ex = self.exchange
+        if ex is None:
+            return
+        if ex.sent and ex.conn is not None:
+            ex.conn.write(data)
+        elif ex.pending is not None:
+            ex.pending.append(data)
+            ex.pending_size += len(data)
+            if ex.pending_size > _MAX_PENDING:
+                self.pause_reading_for(_PAUSE_BUFFER)
+
+    def _begin_upgrade(self, rest: bytes) -> None:
+        ex = self.exchange
+        if ex is None or not ex.upgrade:
+            self._fail_connection(400, "bad_request", "unexpected protocol upgrade")
+            return
+        self.upgrading = True
+        if rest:
+            self._forward_raw(rest)
+
+    def start_tunnel(self, conn: UpstreamConnection) -> None:
+        """The pod answered 101: from now on bytes flow both ways untouched."""
+        self.tunnel = conn
+        self.upgrading = False
+        self.deadline = 0.0
+        ex = self.exchange
+        if ex is not None:
+            ex.conn = None
+        self.exchange = None
+        if self.paused_mask:
+            self.paused_mask = 0
+            if self.transport is not None:
+                self.transport.resume_reading()
+
+    # -- finishing --------------------------------------------------------------
+
+    def exchange_done(self, ex: Exchange) -> None:
+        if self.exchange is not ex:
+            return
+        if ex.close_after or not ex.keep_alive or self.runtime.closing or (self.dead and not self.queue):
+            self.close()
+            return
+        self.exchange = None
+        self._next()
+
+    def _next(self) -> None:
+        if self.queue:
+            nxt = self.queue.popleft()
+            self.exchange = nxt
+            if not self.queue:
+                self.resume_reading_for(_PAUSE_PIPELINE)
+            if not nxt.head_done:
+                self._arm(_T_HEAD, self.runtime.header_timeout)
+            elif nxt.error is not None:
+                if (nxt.req_done or nxt.close_after) and not nxt.resp_started:
+                    self.send_error(nxt, *nxt.error)
+            else:
+                if not nxt.req_done:
+                    self._arm(_T_BODY, self.runtime.body_timeout)
+                self._dispatch(nxt)
+            return
+        if self.final_error is not None:
+            self.write(self.final_error)
+            self.close()
+            return
+        self.resume_reading_for(_PAUSE_PIPELINE)
+        self._arm(_T_IDLE, self.runtime.idle_timeout)
+
+    def _error(self, ex: Exchange, status: int, code: str, detail: str) -> None:
+        """A request that will not be forwarded. Without a body it is answered
+        at its end and the connection lives on; with one, it is answered now
+        and the connection closes (the body is not read)."""
+        ex.error = (status, code, detail)
+        if ex.req_length > 0 or ex.req_chunked:
+            ex.close_after = True
+            self.dead = True
+            if ex is self.exchange:
+                self.send_error(ex, status, code, detail)
+
+    def send_error(self, ex: Exchange, status: int, code: str, detail: str) -> None:
+        rt = self.runtime
+        ex.resp_started = True
+        close = ex.close_after or not ex.keep_alive or not ex.req_done or rt.closing or ex.upgrade
+        generation = ex.table.generation if ex.table is not None else (rt.table.generation if rt.table else None)
+        self.write(wire.error_response(status, code, detail, generation, close=close))
+        rt.errors[code] += 1
+        ex.close_after = close
+        if ex.conn is not None:
+            ex.conn.exchange = None
+            ex.conn.discard()
+            ex.conn = None
+        self.exchange_done(ex)
+
+    def _reject(self, status: int, code: str, detail: str) -> None:
+        """From a parser callback: stop parsing, answer, close."""
+        self.reject = (status, code, detail)
+        raise _Reject(detail)
+
+    def _fail_connection(self, status: int, code: str, detail: str) -> None:
+        """The byte stream cannot be trusted past this point: answer and close."""
+        self.dead = True
+        self.pause_reading_for(_PAUSE_PIPELINE)
+        body = wire.error_response(
+            status, code, detail, self.runtime.table.generation if self.runtime.table else None, close=True
+        )
+        self.runtime.errors[code] += 1
+        ex = self.exchange
+        if ex is None or (ex is self.parsing and not ex.resp_started) or (not ex.head_done):
+            if ex is not None and ex.conn is not None:
+                ex.conn.exchange = None
+                ex.conn.discard()
+                ex.conn = None
+            self.write(body)
+            self.close()
+        elif ex is self.parsing:
+            # Its response has begun: the only honest signal left is a reset.
+            self.abort()
+        else:
+            # An earlier request is still being answered: answer it first.
+            self.queue.clear()
+            self.final_error = body
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if self.transport is not None and not self.closed and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.closed = True
+            self.transport.abort()
+
+    def pause_reading_for(self, reason: int) -> None:
+        if not self.paused_mask and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self.paused_mask |= reason
+
+    def resume_reading_for(self, reason: int) -> None:
+        if self.paused_mask & reason:
+            self.paused_mask &= ~reason
+            if not self.paused_mask and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def _arm(self, kind: int, seconds: float) -> None:
+        self.timer_kind = kind
+        if seconds <= 0:
+            self.deadline = 0.0
+            return
+        self.deadline = self.loop.time() + seconds
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.closed or not self.deadline:
+            return
+        now = self.loop.time()
+        if self.paused_mask and self.timer_kind == _T_BODY:
+            # We stopped reading, not the client.
+            self.deadline = now + self.runtime.body_timeout
+        if now < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._on_timer)
+            return
+        kind = self.timer_kind
+        if kind == _T_IDLE:
+            self.close()
+        elif kind == _T_HEAD:
+            self._fail_connection(
+                408, "request_timeout", f"request head not received within {self.runtime.header_timeout:g}s"
+            )
+        else:
+            self._fail_connection(408, "body_timeout", f"request body stalled for {self.runtime.body_timeout:g}s")
+
+    def shutdown(self) -> None:
+        """Stop after the exchange in progress (or now, if there is none)."""
+        if self.exchange is None and self.tunnel is None:
+            self.close()
+
+
+def check_accelerators() -> None:
+    """Refuse to run without uvloop and httptools' C parser."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(
+            f"keyroute run: uvloop is required for the data plane and could not be imported ({exc})"
+        ) from None
+    try:
+        from httptools.parser import parser  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"keyroute run: httptools' C parser is required and could not be imported ({exc})") from None
+
+
+async def serve(
+    settings: Settings,
+    assignment: Assignment | None,
+    shutdown_trigger: Awaitable[Any],
+    *,
+    sock: socket.socket | None = None,
+    on_ready: Callable[[Runtime, list[socket.socket]], None] | None = None,
+) -> Runtime:
+    """Serve until ``shutdown_trigger`` completes, then shut down in order:
+    stop accepting, let in-flight exchanges finish up to
+    ``proxy.shutdown_timeout``, abort the rest, close the pools."""
+    loop = asyncio.get_running_loop()
+    rt = Runtime(settings, loop)
+    if assignment is not None:
+        rt.set_assignment(assignment)
+    if sock is not None:
+        server = await loop.create_server(lambda: ClientProtocol(rt), sock=sock, backlog=4096)
+    else:
+        host, port = settings.listen_address
+        server = await loop.create_server(
+            lambda: ClientProtocol(rt),
+            host,
+            port,
+            reuse_address=True,
+            reuse_port=settings.worker_count > 1,
+            backlog=4096,
+        )
+    if on_ready is not None:
+        on_ready(rt, list(server.sockets))
+    try:
+        await shutdown_trigger
+    finally:
+        await shutdown(rt, server)
+    return rt
+
+
+async def shutdown(rt: Runtime, server: asyncio.base_events.Server) -> None:
+    rt.closing = True
+    server.close()
+    for conn in list(rt.connections):
+        conn.shutdown()
+    deadline = rt.loop.time() + rt.settings.proxy.shutdown_timeout
+    while rt.connections and rt.loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    for conn in list(rt.connections):
+        conn.abort()
+    rt.upstreams.close()
+    await server.wait_closed()
+
+
+# -- process entry points ---------------------------------------------------------
+
+log = logging.getLogger("keyroute")
+
+
+def main(settings: Settings) -> int:
+    """``keyroute run``: load the table, then serve in this process or in
+    ``proxy.workers`` supervised worker processes."""
+    from . import sources, workers
+    from .assignment import AssignmentError
+
+    check_accelerators()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        assignment = sources.load_initial(settings.assignment.source)
+    except sources.SourceError as exc:
+        print(f"keyroute run: {exc}", file=sys.stderr)
+        return 2
+    except AssignmentError as exc:
+        print(f"keyroute run: invalid table: {exc}", file=sys.stderr)
+        return 1
+    n = settings.worker_count
+    if n > 1:
+        return workers.supervise(settings, assignment, n)
+    return run_worker(settings, assignment)
+
+
+def run_worker(settings: Settings, assignment: Assignment | None) -> int:
+    """Serve on uvloop until SIGTERM/SIGINT; a second signal exits at once."""
+    import uvloop
+
+    async def _main() -> None:
+        loop = asyncio.get_running_loop()
+        stop: asyncio.Future[int] = loop.create_future()
+        seen = 0
+
+        def on_signal(signum: int) -> None:
+            nonlocal seen
+            seen += 1
+            if seen == 1:
+                log.info("signal %d: draining for up to %gs", signum, settings.proxy.shutdown_timeout)
+                if not stop.done():
+                    stop.set_result(signum)
+            else:
+                log.warning("signal %d again: exiting now", signum)
+                os._exit(1)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+        def ready(rt: Runtime, socks: list[socket.socket]) -> None:
+            addrs = ", ".join("{}:{}".format(*s.getsockname()[:2]) for s in socks)
+            table = rt.table
+            gen = table.generation if table is not None else None
+            log.info("pid %d serving on %s, table generation %s", os.getpid(), addrs, gen)
+
+        await serve(settings, assignment, stop, on_ready=ready)
+        log.info("pid %d stopped", os.getpid())
+
+    uvloop.run(_main())
+    return 0

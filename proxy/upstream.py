@@ -1,0 +1,402 @@
+"""Connections to pods: per-pod pools of keep-alive HTTP/1.1 connections.
+
+An ``UpstreamConnection`` parses responses with httptools and hands the events
+to the ``Exchange`` it currently serves (see ``server.py``), which writes them
+to the client. A connection goes back to its pool only when both the request
+and the response ended cleanly; anything odd (bad framing, a timeout, an
+unfinished body, a HEAD or upgrade response) discards it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import httptools
+
+if TYPE_CHECKING:
+    from .server import Exchange
+
+
+class _StopParsing(Exception):
+    """Raised from a parser callback to stop parsing at a message boundary."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TCP connection to a pod."""
+
+    __slots__ = (
+        "pool",
+        "transport",
+        "parser",
+        "exchange",
+        "headers",
+        "reason",
+        "resp_length",
+        "resp_chunked",
+        "interim",
+        "in_body",
+        "reused",
+        "idle_since",
+        "closed",
+        "got_bytes",
+        "deadline",
+        "timer",
+        "tunnel",
+        "head_only",
+        "loop",
+        "paused",
+    )
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.loop = pool.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.resp_length = -1
+        self.resp_chunked = False
+        self.interim = False
+        self.in_body = False
+        self.reused = False
+        self.idle_since = 0.0
+        self.closed = False
+        self.got_bytes = False
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.tunnel = False
+        self.head_only = False
+        self.paused = False
+
+    # -- asyncio.Protocol -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:
+            # Bytes from a pod with no request outstanding: the framing is off.
+            self.discard()
+            return
+        if self.tunnel:
+            ex.client_write(data)
+            return
+        self.got_bytes = True
+        if self.deadline:
+            self.deadline = self.loop.time() + self.pool.response_timeout
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0]
+            self.tunnel = True
+            self._cancel_timer()
+            ex.upstream_upgraded(self, data[offset:])
+        except _StopParsing:
+            pass
+        except httptools.HttpParserError as exc:
+            if self.exchange is ex and not self.closed:
+                self.discard()
+                ex.upstream_failed(self, 502, "bad_response", f"pod {self.pool.pod_id} sent bad HTTP: {exc}")
+
+    def eof_received(self) -> bool | None:
+        ex = self.exchange
+        if ex is not None and self.tunnel:
+            ex.client_write_eof()
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        ex = self.exchange
+        self.exchange = None
+        if ex is None:
+            return
+        if self.tunnel:
+            ex.upstream_tunnel_closed()
+        elif self.in_body and self.resp_length < 0 and not self.resp_chunked:
+            # Response delimited by the connection's close: this is its end.
+            ex.upstream_done(self, close_delimited=True)
+        else:
+            detail = f"pod {self.pool.pod_id} closed the connection"
+            if exc is not None:
+                detail += f" ({exc.__class__.__name__}: {exc})"
+            ex.upstream_failed(self, 502, "pod_closed", detail)
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.pause_reading_for(2)
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.resume_reading_for(2)
+
+    # -- httptools callbacks ----------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.resp_length = -1
+        self.resp_chunked = False
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.in_body:
+            return  # trailers: dropped
+        lname = name.lower()
+        if lname == b"content-length":
+            self.resp_length = int(value)
+        elif lname == b"transfer-encoding":
+            self.resp_chunked = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        assert ex is not None
+        status = self.parser.get_status_code()
+        if status < 200 and status != 101:
+            self.interim = True
+            ex.upstream_interim(status, self.reason, self.headers)
+            return
+        self.in_body = True
+        ex.upstream_head(self, status, self.reason, self.headers)
+        if self.head_only and status != 101:
+            # A response to HEAD has no body whatever its headers say, and
+            # httptools cannot be told so: end the message here and do not
+            # reuse the connection.
+            self.in_body = False
+            self.exchange = None
+            self.discard()
+            ex.upstream_done(self, close_delimited=False)
+            raise _StopParsing
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        ex = self.exchange
+        self.in_body = False
+        if ex is None or self.tunnel:
+            return
+        ex.upstream_done(self, close_delimited=False)
+
+    # -- use by the exchange ----------------------------------------------
+
+    def send(self, ex: Exchange, data: bytes, *, head_only: bool) -> None:
+        """Start serving ``ex``: write its request head (and any buffered body)."""
+        self.exchange = ex
+        self.head_only = head_only
+        self.got_bytes = False
+        self.deadline = self.loop.time() + self.pool.response_timeout
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.deadline, self._on_timer)
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def pause_reading(self) -> None:
+        """The client reads slowly: stop reading from the pod (and stop its clock)."""
+        if self.transport is not None and not self.closed and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed and self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def release(self) -> None:
+        """The exchange is over and the connection is clean: back to the pool."""
+        self.exchange = None
+        self.deadline = 0.0
+        self.reused = True
+        if self.paused:
+            self.resume_reading()
+        self.pool.put(self)
+
+    def discard(self) -> None:
+        """Close without reuse (abort: a half-sent message must not linger)."""
+        if not self.closed:
+            self.closed = True
+            self._cancel_timer()
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.closed or not self.deadline:
+            return
+        now = self.loop.time()
+        if self.paused:
+            # Waiting on the client, not on the pod.
+            self.deadline = now + self.pool.response_timeout
+        if now < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._on_timer)
+            return
+        ex = self.exchange
+        self.exchange = None
+        self.discard()
+        if ex is not None:
+            ex.upstream_failed(
+                self,
+                504,
+                "pod_timeout",
+                f"pod {self.pool.pod_id} sent no response within {self.pool.response_timeout:g}s",
+            )
+
+
+class Pool:
+    """Idle keep-alive connections to one pod, most recently used first."""
+
+    __slots__ = (
+        "loop",
+        "pod_id",
+        "host",
+        "port",
+        "idle",
+        "connect_timeout",
+        "response_timeout",
+        "idle_timeout",
+        "max_idle",
+        "opened",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pod_id: str,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float,
+        response_timeout: float,
+        idle_timeout: float,
+        max_idle: int,
+    ) -> None:
+        self.loop = loop
+        self.pod_id = pod_id
+        self.host = host
+        self.port = port
+        self.idle: list[UpstreamConnection] = []
+        self.connect_timeout = connect_timeout
+        self.response_timeout = response_timeout
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+        self.opened = 0
+
+    def take(self) -> UpstreamConnection | None:
+        """An idle connection, or None if a new one must be opened."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    def put(self, conn: UpstreamConnection) -> None:
+        if len(self.idle) >= self.max_idle:
+            conn.discard()
+            return
+        conn.idle_since = self.loop.time()
+        self.idle.append(conn)
+
+    async def connect(self) -> UpstreamConnection:
+        """Open a new connection; raises OSError or TimeoutError."""
+        factory: Callable[[], UpstreamConnection] = lambda: UpstreamConnection(self)  # noqa: E731
+        async with asyncio.timeout(self.connect_timeout):
+            _, conn = await self.loop.create_connection(factory, self.host, self.port)
+        self.opened += 1
+        return conn
+
+    def sweep(self, now: float) -> None:
+        """Close idle connections older than ``idle_timeout``."""
+        if not self.idle:
+            return
+        limit = now - self.idle_timeout
+        keep = []
+        for conn in self.idle:
+            if conn.closed:
+                continue
+            if conn.idle_since < limit:
+                conn.discard()
+            else:
+                keep.append(conn)
+        self.idle = keep
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.discard()
+        self.idle = []
+
+
+class Upstreams:
+    """All pools, keyed by pod address, shared by every client connection of a
+    worker. Pools outlive tables: a pod that keeps its address keeps its
+    connections across reloads."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, settings: Any) -> None:
+        self.loop = loop
+        self.settings = settings
+        self.pools: dict[tuple[str, int], Pool] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def pool(self, pod_id: str, host: str, port: int) -> Pool:
+        key = (host, port)
+        pool = self.pools.get(key)
+        if pool is None:
+            s = self.settings
+            pool = self.pools[key] = Pool(
+                self.loop,
+                pod_id,
+                host,
+                port,
+                connect_timeout=s.connect_timeout,
+                response_timeout=s.response_timeout,
+                idle_timeout=s.idle_timeout,
+                max_idle=s.max_idle_per_pod,
+            )
+            if self._sweeper is None:
+                self._sweeper = self.loop.call_later(1.0, self._sweep)
+        return pool
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for pool in self.pools.values():
+            pool.sweep(now)
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for pool in self.pools.values():
+            pool.close()

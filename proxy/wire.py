@@ -1,0 +1,77 @@
+"""HTTP/1.1 wire constants and small builders shared by both sides of the proxy.
+
+Everything here is computed once at import; the hot path only looks things up.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+import orjson
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus the legacy ones proxies still see.
+# Lower-case names; the client's and the pod's copies never cross the proxy.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+CRLF = b"\r\n"
+CHUNK_END = b"0\r\n\r\n"
+# Methods a failed reused connection may safely be retried with (RFC 9110 §9.2.2).
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_REASONS[508] = b"Loop Detected"
+_REASONS[431] = b"Request Header Fields Too Large"
+
+STATUS_LINE = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in _REASONS.items()}
+
+
+def status_line(code: int, reason: bytes = b"") -> bytes:
+    line = STATUS_LINE.get(code)
+    if line is not None and not reason:
+        return line
+    return b"HTTP/1.1 %d %s\r\n" % (code, reason or _REASONS.get(code, b"Unknown"))
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def connection_tokens(value: bytes) -> list[bytes]:
+    """Header names listed in a Connection header, lower-case."""
+    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+def error_response(
+    status: int,
+    error: str,
+    detail: str,
+    generation: int | None,
+    *,
+    close: bool,
+    extra: bytes = b"",
+) -> bytes:
+    """A whole JSON error response made by the proxy itself."""
+    body = orjson.dumps({"error": error, "detail": detail, "generation": generation}) + b"\n"
+    head = [
+        status_line(status),
+        b"Content-Type: application/json\r\n",
+        b"Content-Length: %d\r\n" % len(body),
+        b"Cache-Control: no-store\r\n",
+    ]
+    if close:
+        head.append(b"Connection: close\r\n")
+    head.append(extra)
+    head.append(CRLF)
+    head.append(body)
+    return b"".join(head)
