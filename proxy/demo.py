@@ -24,10 +24,11 @@ from .config import load as load_settings
 from .server import Runtime, check_accelerators, serve
 
 POD_IDS = ("pod-a", "pod-b", "pod-c")
+POD_ID = web.AppKey("pod_id", str)
 
 
 async def _pod_handler(request: web.Request) -> web.Response:
-    pod = request.app["pod_id"]
+    pod = request.app[POD_ID]
     h = request.headers
     body = await request.read()
     text = (
@@ -40,7 +41,7 @@ async def _pod_handler(request: web.Request) -> web.Response:
 
 async def start_pod(pod_id: str) -> tuple[web.AppRunner, int]:
     app = web.Application()
-    app["pod_id"] = pod_id
+    app[POD_ID] = pod_id
     app.router.add_route("*", "/{tail:.*}", _pod_handler)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -349,6 +349,7 @@ class ClientProtocol(asyncio.Protocol):
         "peer",
         "upgrading",
         "tunnel",
+        "client_eof",
     )
 
     def __init__(self, runtime: Runtime) -> None:
@@ -372,6 +373,7 @@ class ClientProtocol(asyncio.Protocol):
         self.peer = b""
         self.upgrading = False
         self.tunnel: UpstreamConnection | None = None
+        self.client_eof = False
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -436,6 +438,11 @@ class ClientProtocol(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
+            # Half-close: pass the client's EOF on; close once both sides are done.
+            self.client_eof = True
+            if self.tunnel.closed or self.tunnel.eof:
+                self.tunnel.discard()
+                return None
             self.tunnel.write_eof()
             return True
         ex = self.exchange
@@ -833,6 +840,12 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.write(data)
 
     def write_eof(self) -> None:
+        """The pod half-closed a tunnel."""
+        if self.client_eof:  # the client had half-closed already: both are done
+            self.close()
+            if self.tunnel is not None:
+                self.tunnel.discard()
+            return
         if self.transport is not None and not self.closed and self.transport.can_write_eof():
             self.transport.write_eof()
 

@@ -48,6 +48,7 @@ class UpstreamConnection(asyncio.Protocol):
         "head_only",
         "loop",
         "paused",
+        "eof",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -71,6 +72,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.tunnel = False
         self.head_only = False
         self.paused = False
+        self.eof = False
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -112,8 +114,9 @@ class UpstreamConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         ex = self.exchange
         if ex is not None and self.tunnel:
+            self.eof = True
             ex.client_write_eof()
-            return True
+            return None if self.closed else True
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -193,8 +196,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         ex = self.exchange
         self.in_body = False
-        if ex is None or self.tunnel:
-            return
+        if ex is None or self.tunnel or self.parser.should_upgrade():
+            return  # after a 101 the tunnel starts; feed_data raises HttpParserUpgrade next
         ex.upstream_done(self, close_delimited=False)
 
     # -- use by the exchange ----------------------------------------------

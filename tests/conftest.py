@@ -1,0 +1,225 @@
+"""Fixtures: real pods and a real proxy on 127.0.0.1 ephemeral ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+import uvloop
+from aiohttp import web
+
+from proxy import assignment as core
+from proxy.config import load as load_settings
+from proxy.server import Runtime, serve
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    # The data plane runs on uvloop in production; test it there too.
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@dataclass
+class Pod:
+    """A test pod: an aiohttp app that echoes what it received as JSON."""
+
+    id: str
+    port: int
+    runner: web.AppRunner
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+POD = web.AppKey("pod", Pod)
+
+
+async def _echo(request: web.Request) -> web.StreamResponse:
+    pod = request.app[POD]
+    body = await request.read()
+    info = {
+        "pod": pod.id,
+        "method": request.method,
+        "path": request.path_qs,
+        "version": f"{request.version.major}.{request.version.minor}",
+        "headers": [[k, v] for k, v in request.headers.items()],
+        "body_len": len(body),
+        "body_sha": hashlib.sha256(body).hexdigest(),
+    }
+    pod.requests.append(info)
+    return web.Response(body=orjson.dumps(info), content_type="application/json", headers={"X-Pod": pod.id})
+
+
+async def start_pod(pod_id: str, extra: Callable[[web.Application], None] | None = None) -> Pod:
+    app = web.Application(client_max_size=1 << 30)
+    runner = web.AppRunner(app, access_log=None)
+    pod = Pod(pod_id, 0, runner)
+    app[POD] = pod
+    if extra is not None:
+        extra(app)
+    app.router.add_route("*", "/{tail:.*}", _echo)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    pod.port = runner.addresses[0][1]
+    return pod
+
+
+@pytest.fixture
+async def pods() -> AsyncIterator[list[Pod]]:
+    started = [await start_pod(f"pod-{c}") for c in "abc"]
+    yield started
+    for p in started:
+        await p.runner.cleanup()
+
+
+def table_for(pods: list[Pod] | list[tuple[str, str]], generation: int = 7, slice_count: int = 64) -> core.Assignment:
+    specs = [(p.id, p.url, 1.0, "active") if isinstance(p, Pod) else (p[0], p[1], 1.0, "active") for p in pods]
+    return core.generate(generation, core.make_pods(specs), slice_count)
+
+
+@dataclass
+class Proxy:
+    runtime: Runtime
+    port: int
+    stop: asyncio.Future[None]
+    task: asyncio.Task[Runtime]
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def close(self) -> None:
+        if not self.stop.done():
+            self.stop.set_result(None)
+        await self.task
+
+
+async def start_proxy(table: core.Assignment | None, **overrides: Any) -> Proxy:
+    """Run the real data plane in this loop. ``overrides`` are dotted keys with
+    '__' for '.', e.g. ``proxy__missing_key="random"``."""
+    opts = {"proxy.listen": "127.0.0.1:0"}
+    opts.update({k.replace("__", "."): v for k, v in overrides.items()})
+    settings = load_settings(None, env={}, overrides=opts)
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[None] = loop.create_future()
+    ready: asyncio.Future[tuple[Runtime, int]] = loop.create_future()
+
+    def on_ready(rt: Runtime, socks: list[socket.socket]) -> None:
+        ready.set_result((rt, socks[0].getsockname()[1]))
+
+    task = loop.create_task(serve(settings, table, stop, on_ready=on_ready))
+    done, _ = await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()
+    rt, port = ready.result()
+    return Proxy(rt, port, stop, task)
+
+
+@pytest.fixture
+async def proxy_factory() -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
+    started: list[Proxy] = []
+
+    async def make(table: core.Assignment | None, **overrides: Any) -> Proxy:
+        p = await start_proxy(table, **overrides)
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        await p.close()
+
+
+@pytest.fixture
+async def proxy(pods: list[Pod], proxy_factory: Callable[..., Awaitable[Proxy]]) -> Proxy:
+    return await proxy_factory(table_for(pods), proxy__shutdown_timeout="2s")
+
+
+# -- raw sockets ------------------------------------------------------------------
+
+
+class Raw:
+    """A raw TCP client for byte-exact requests."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int) -> Raw:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        return cls(r, w)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def response(self, timeout: float = 5.0, head: bool = False) -> tuple[int, dict[str, str], bytes]:
+        """Read one response (Content-Length, chunked or close-delimited)."""
+        async with asyncio.timeout(timeout):
+            line = await self.reader.readuntil(b"\r\n")
+            status = int(line.split()[1])
+            headers: dict[str, str] = {}
+            raw_headers: list[tuple[str, str]] = []
+            while True:
+                h = await self.reader.readuntil(b"\r\n")
+                if h == b"\r\n":
+                    break
+                k, _, v = h.decode("latin-1").partition(":")
+                raw_headers.append((k.strip(), v.strip()))
+                headers[k.strip().lower()] = v.strip()
+            if head or status in (204, 304) or 100 <= status < 200:
+                return status, headers, b""
+            if "content-length" in headers:
+                body = await self.reader.readexactly(int(headers["content-length"]))
+            elif headers.get("transfer-encoding", "").lower() == "chunked":
+                parts = []
+                while True:
+                    size = int((await self.reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                    if size == 0:
+                        while (await self.reader.readuntil(b"\r\n")) != b"\r\n":
+                            pass
+                        break
+                    parts.append(await self.reader.readexactly(size))
+                    await self.reader.readexactly(2)
+                body = b"".join(parts)
+            else:
+                body = await self.reader.read()
+            return status, headers, body
+
+    async def closed(self, timeout: float = 5.0) -> bool:
+        """True if the peer closes the connection (EOF or reset) in time."""
+        try:
+            async with asyncio.timeout(timeout):
+                data = await self.reader.read(65536)
+                while data:
+                    data = await self.reader.read(65536)
+            return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+def json_body(body: bytes) -> Any:
+    return orjson.loads(body)
+
+
+def header_map(info: dict[str, Any]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for k, v in info["headers"]:
+        out.setdefault(k.lower(), []).append(v)
+    return out
