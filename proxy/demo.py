@@ -19,9 +19,8 @@ from typing import TextIO
 from aiohttp import web
 
 from . import assignment as core
-from . import sources
 from .config import load as load_settings
-from .server import Runtime, check_accelerators, serve
+from .server import Runtime, check_accelerators, serve, watch_table
 
 POD_IDS = ("pod-a", "pod-b", "pod-c")
 POD_ID = web.AppKey("pod_id", str)
@@ -47,9 +46,7 @@ async def start_pod(pod_id: str) -> tuple[web.AppRunner, int]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    server = site._server
-    assert server is not None
-    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port: int = runner.addresses[0][1]
     return runner, port
 
 
@@ -57,7 +54,7 @@ def main(listen: str, admin: str, out: TextIO) -> int:
     check_accelerators()
     import uvloop
 
-    return uvloop.run(_main(listen, admin, out))  # type: ignore[no-any-return]
+    return uvloop.run(_main(listen, admin, out))
 
 
 async def _main(listen: str, admin: str, out: TextIO) -> int:
@@ -79,8 +76,13 @@ async def _main(listen: str, admin: str, out: TextIO) -> int:
         overrides={"proxy.listen": listen, "admin.listen": admin, "assignment.source": f"file:{table_path}"},
     )
     stop: asyncio.Future[None] = loop.create_future()
+
+    def on_signal() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, on_signal)
     watcher: asyncio.Task[None] | None = None
 
     def ready(rt: Runtime, socks: list[socket.socket]) -> None:
@@ -88,20 +90,10 @@ async def _main(listen: str, admin: str, out: TextIO) -> int:
         host, port = socks[0].getsockname()[:2]
         base = f"http://{host}:{port}"
 
-        def apply(new: core.Assignment) -> None:
-            old = rt.table.assignment if rt.table else None
-            rt.set_assignment(new)
-            moved = core.moved_share(old, new) if old else 1.0
-            print(
-                f"table: generation {new.generation} in force, {moved * 100:.1f}% of keys moved", file=out, flush=True
-            )
+        def report(line: str) -> None:
+            print(line, file=out, flush=True)
 
-        def refuse(why: str) -> None:
-            print(f"table refused, old one kept: {why}", file=out, flush=True)
-
-        watcher = loop.create_task(
-            sources.poll_file(table_path, 0.2, lambda: rt.table.assignment if rt.table else None, apply, refuse)
-        )
+        watcher = watch_table(rt, table_path, 0.2, report)
         owner = table.lookup(b"user-1").pod.id
         lines = [
             f"keyroute demo: proxy on {base}, pods {', '.join(f'{p[0]}={p[1]}' for p in pods)}",

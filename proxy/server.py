@@ -970,6 +970,28 @@ async def shutdown(rt: Runtime, server: asyncio.base_events.Server) -> None:
     await server.wait_closed()
 
 
+def watch_table(rt: Runtime, path: str, interval: float, report: Callable[[str], None]) -> asyncio.Task[None]:
+    """Re-read the table file when it changes and publish newer generations.
+    ``report`` gets one line per outcome (applied or refused)."""
+    from . import sources
+    from .assignment import moved_share
+
+    def current() -> Assignment | None:
+        return rt.table.assignment if rt.table is not None else None
+
+    def apply(new: Assignment) -> None:
+        old = current()
+        rt.set_assignment(new)
+        moved = moved_share(old, new) if old is not None else 1.0
+        old_gen = old.generation if old is not None else None
+        report(f"table applied: generation {old_gen} -> {new.generation}, {moved * 100:.2f}% of the key space moved")
+
+    def refuse(why: str) -> None:
+        report(f"table refused, generation {rt.table.generation if rt.table else None} stays: {why}")
+
+    return rt.loop.create_task(sources.poll_file(path, interval, current, apply, refuse))
+
+
 # -- process entry points ---------------------------------------------------------
 
 log = logging.getLogger("keyroute")
@@ -1026,7 +1048,16 @@ def run_worker(settings: Settings, assignment: Assignment | None) -> int:
             gen = table.generation if table is not None else None
             log.info("pid %d serving on %s, table generation %s", os.getpid(), addrs, gen)
 
-        await serve(settings, assignment, stop, on_ready=ready)
+            src = settings.assignment.source
+            if src.startswith("file:"):
+                watcher.append(watch_table(rt, src[5:], settings.assignment.poll_interval, log.info))
+
+        watcher: list[asyncio.Task[None]] = []
+        try:
+            await serve(settings, assignment, stop, on_ready=ready)
+        finally:
+            for task in watcher:
+                task.cancel()
         log.info("pid %d stopped", os.getpid())
 
     uvloop.run(_main())
