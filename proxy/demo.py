@@ -8,6 +8,7 @@ watched, so editing it moves keys while you watch.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -59,6 +60,10 @@ def main(listen: str, admin: str, out: TextIO) -> int:
 
 async def _main(listen: str, admin: str, out: TextIO) -> int:
     loop = asyncio.get_running_loop()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger("keyroute").addHandler(handler)
+    logging.getLogger("keyroute").setLevel(logging.INFO)
     folder = tempfile.mkdtemp(prefix="keyroute-demo-")
     table_path = os.path.join(folder, "assignment.json")
     runners = []
@@ -90,14 +95,12 @@ async def _main(listen: str, admin: str, out: TextIO) -> int:
         host, port = socks[0].getsockname()[:2]
         base = f"http://{host}:{port}"
 
-        def report(line: str) -> None:
-            print(line, file=out, flush=True)
-
-        watcher = watch_table(rt, table_path, 0.2, report)
+        watcher = watch_table(rt, table_path, 0.2)
         owner = table.lookup(b"user-1").pod.id
         lines = [
             f"keyroute demo: proxy on {base}, pods {', '.join(f'{p[0]}={p[1]}' for p in pods)}",
             f"table: {table_path} (generation {table.generation})",
+            f"admin: http://127.0.0.1:{rt.admin_port}/-/assignment  /-/lookup?key=user-1  /metrics",
             "",
             "Same key, same pod, every time:",
             f"  curl -s -H 'X-Routing-Key: user-1' {base}/hello",
@@ -118,7 +121,7 @@ async def _main(listen: str, admin: str, out: TextIO) -> int:
         print("\n".join(lines), file=out, flush=True)
 
     try:
-        await serve(settings, table, stop, on_ready=ready)
+        await serve(settings, table, stop, on_ready=ready, with_admin=True)
     except OSError as exc:
         print(
             f"keyroute demo: cannot listen on {listen}: {exc.strerror} (try --listen 127.0.0.1:8081)", file=sys.stderr

@@ -22,15 +22,19 @@ import random
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httptools
+import orjson
 
 from . import wire
 from .assignment import Assignment, Route
 from .config import Settings
 from .upstream import Pool, UpstreamConnection, Upstreams
+
+log = logging.getLogger("keyroute")
 
 # Reasons client reading is paused (a bit each).
 _PAUSE_PIPELINE = 1
@@ -133,10 +137,92 @@ class Runtime:
         self.closing = False
         self.requests = 0
         self.errors: collections.Counter[str] = collections.Counter()
+        self.reloads: collections.Counter[str] = collections.Counter()
+        self.table_loaded_at: float | None = None  # Unix time
+        self.last_reload_error: str | None = None
+        self.admin_port: int | None = None
 
     def set_assignment(self, assignment: Assignment) -> None:
         """Publish a new table: one reference assignment."""
         self.table = RoutingTable(assignment)
+        self.table_loaded_at = time.time()
+
+    def offer(self, assignment: Assignment) -> str:
+        """Apply ``assignment`` if its generation is above the one in force.
+        Returns "" when applied (or identical to the table in force), else why not."""
+        from .assignment import moved_share
+        from .sources import judge
+
+        old = self.table.assignment if self.table is not None else None
+        verdict = judge(old, assignment)
+        if verdict is None:
+            self.set_assignment(assignment)
+            self.note_reload("applied", None)
+            moved = moved_share(old, assignment) if old is not None else 1.0
+            log.info(
+                "%s",
+                orjson.dumps(
+                    {
+                        "event": "reload",
+                        "result": "applied",
+                        "old_generation": old.generation if old else None,
+                        "generation": assignment.generation,
+                        "moved": round(moved, 6),
+                        "source": self.settings.assignment.source,
+                    }
+                ).decode(),
+            )
+            return ""
+        if verdict:
+            self.note_reload("stale" if verdict.startswith("stale") else "conflict", verdict)
+        return verdict
+
+    def note_reload(self, result: str, error: str | None) -> None:
+        self.reloads[result] += 1
+        if error is not None:
+            self.last_reload_error = error
+            log.warning(
+                "%s",
+                orjson.dumps(
+                    {
+                        "event": "reload",
+                        "result": result,
+                        "generation": self.table.generation if self.table else None,
+                        "error": error,
+                        "source": self.settings.assignment.source,
+                    }
+                ).decode(),
+            )
+
+    def metrics_text(self) -> str:
+        """Prometheus text exposition of this worker's counters."""
+        lines = [
+            "# HELP keyroute_requests_total Requests forwarded to a pod.",
+            "# TYPE keyroute_requests_total counter",
+            f"keyroute_requests_total {self.requests}",
+            "# HELP keyroute_errors_total Requests answered by the proxy with an error, by code.",
+            "# TYPE keyroute_errors_total counter",
+        ]
+        lines += [f'keyroute_errors_total{{code="{code}"}} {n}' for code, n in sorted(self.errors.items())]
+        lines += [
+            "# HELP keyroute_reloads_total Table reloads by result.",
+            "# TYPE keyroute_reloads_total counter",
+        ]
+        lines += [f'keyroute_reloads_total{{result="{r}"}} {n}' for r, n in sorted(self.reloads.items())]
+        gen = self.table.generation if self.table is not None else 0
+        lines += [
+            "# HELP keyroute_generation Generation of the table in force (0: none).",
+            "# TYPE keyroute_generation gauge",
+            f"keyroute_generation {gen}",
+            "# HELP keyroute_client_connections Open client connections.",
+            "# TYPE keyroute_client_connections gauge",
+            f"keyroute_client_connections {len(self.connections)}",
+            "# HELP keyroute_pool_idle_connections Idle pooled connections per pod address.",
+            "# TYPE keyroute_pool_idle_connections gauge",
+        ]
+        for pool in self.upstreams.pools.values():
+            lines.append(f'keyroute_pool_idle_connections{{pod="{pool.pod_id}"}} {len(pool.idle)}')
+        return "\n".join(lines) + "\n"
 
     def pool_for(self, route: Route) -> Pool:
         pod = route.pod
@@ -927,6 +1013,7 @@ async def serve(
     *,
     sock: socket.socket | None = None,
     on_ready: Callable[[Runtime, list[socket.socket]], None] | None = None,
+    with_admin: bool = False,
 ) -> Runtime:
     """Serve until ``shutdown_trigger`` completes, then shut down in order:
     stop accepting, let in-flight exchanges finish up to
@@ -947,12 +1034,21 @@ async def serve(
             reuse_port=settings.worker_count > 1,
             backlog=4096,
         )
+    admin_runner = None
+    if with_admin:
+        from . import admin
+
+        host, port = settings.admin_address
+        admin_runner = await admin.start(rt, host, port, reuse_port=settings.worker_count > 1)
+        rt.admin_port = admin_runner.addresses[0][1]
     if on_ready is not None:
         on_ready(rt, list(server.sockets))
     try:
         await shutdown_trigger
     finally:
         await shutdown(rt, server)
+        if admin_runner is not None:
+            await admin_runner.cleanup()
     return rt
 
 
@@ -970,31 +1066,25 @@ async def shutdown(rt: Runtime, server: asyncio.base_events.Server) -> None:
     await server.wait_closed()
 
 
-def watch_table(rt: Runtime, path: str, interval: float, report: Callable[[str], None]) -> asyncio.Task[None]:
-    """Re-read the table file when it changes and publish newer generations.
-    ``report`` gets one line per outcome (applied or refused)."""
+def watch_table(rt: Runtime, path: str, interval: float) -> asyncio.Task[None]:
+    """Re-read the table file when it changes and offer it to the runtime
+    (newer generations are applied; everything else is refused and logged)."""
     from . import sources
-    from .assignment import moved_share
 
     def current() -> Assignment | None:
         return rt.table.assignment if rt.table is not None else None
 
     def apply(new: Assignment) -> None:
-        old = current()
-        rt.set_assignment(new)
-        moved = moved_share(old, new) if old is not None else 1.0
-        old_gen = old.generation if old is not None else None
-        report(f"table applied: generation {old_gen} -> {new.generation}, {moved * 100:.2f}% of the key space moved")
+        rt.offer(new)
 
     def refuse(why: str) -> None:
-        report(f"table refused, generation {rt.table.generation if rt.table else None} stays: {why}")
+        kind = "stale" if why.startswith("stale") else "conflict" if why.startswith("conflicting") else "invalid"
+        rt.note_reload(kind, why)
 
     return rt.loop.create_task(sources.poll_file(path, interval, current, apply, refuse))
 
 
 # -- process entry points ---------------------------------------------------------
-
-log = logging.getLogger("keyroute")
 
 
 def main(settings: Settings) -> int:
@@ -1046,15 +1136,15 @@ def run_worker(settings: Settings, assignment: Assignment | None) -> int:
             addrs = ", ".join("{}:{}".format(*s.getsockname()[:2]) for s in socks)
             table = rt.table
             gen = table.generation if table is not None else None
-            log.info("pid %d serving on %s, table generation %s", os.getpid(), addrs, gen)
+            log.info("pid %d serving on %s, admin port %s, generation %s", os.getpid(), addrs, rt.admin_port, gen)
 
             src = settings.assignment.source
             if src.startswith("file:"):
-                watcher.append(watch_table(rt, src[5:], settings.assignment.poll_interval, log.info))
+                watcher.append(watch_table(rt, src[5:], settings.assignment.poll_interval))
 
         watcher: list[asyncio.Task[None]] = []
         try:
-            await serve(settings, assignment, stop, on_ready=ready)
+            await serve(settings, assignment, stop, on_ready=ready, with_admin=True)
         finally:
             for task in watcher:
                 task.cancel()

@@ -104,9 +104,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.tunnel = True
             self._cancel_timer()
             ex.upstream_upgraded(self, data[offset:])
-        except _StopParsing:
-            pass
         except httptools.HttpParserError as exc:
+            # A callback that raised _StopParsing ended the exchange itself and
+            # discarded the connection; anything else is the pod's fault.
             if self.exchange is ex and not self.closed:
                 self.discard()
                 ex.upstream_failed(self, 502, "bad_response", f"pod {self.pool.pod_id} sent bad HTTP: {exc}")

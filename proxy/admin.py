@@ -1,0 +1,141 @@
+"""The admin listener (aiohttp, loopback by default).
+
+``GET /-/healthz``, ``/-/readyz``, ``/-/assignment``, ``/-/lookup?key=K`` and
+``/metrics``. ``PUT /-/assignment`` replaces the table and needs the
+configured bearer token; with no token it is refused (405).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from . import assignment as core
+from .server import Runtime
+
+log = logging.getLogger("keyroute.admin")
+
+RUNTIME = web.AppKey("runtime", Runtime)
+MAX_PUT_BYTES = 64 << 20
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _error(status: int, error: str, detail: str, rt: Runtime) -> web.Response:
+    gen = rt.table.generation if rt.table is not None else None
+    return _json({"error": error, "detail": detail, "generation": gen}, status)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    if rt.table is None:
+        return _json({"ready": False, "detail": "no assignment table in force yet"}, 503)
+    return _json({"ready": True, "generation": rt.table.generation})
+
+
+async def get_assignment(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    table = rt.table
+    return _json(
+        {
+            "generation": table.generation if table else None,
+            "source": rt.settings.assignment.source,
+            "loaded_at": rt.table_loaded_at,
+            "last_error": rt.last_reload_error,
+            "shares": table.assignment.shares() if table else None,
+            "table": table.assignment.to_json(explicit=not table.assignment.generated) if table else None,
+        }
+    )
+
+
+async def lookup(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    key = request.query.get("key")
+    if key is None:
+        return _error(400, "missing_key", "give the key as ?key=K", rt)
+    if rt.table is None:
+        return _error(503, "no_table", "no assignment table is in force yet", rt)
+    raw = key.encode("utf-8", "surrogateescape")
+    pos = core.position(raw)
+    r = rt.table.assignment.lookup_position(pos)
+    return _json(
+        {
+            "key": key,
+            "position": pos,
+            "position_hex": f"0x{pos:016x}",
+            "slice": r.index,
+            "slice_start": f"0x{r.start:016x}",
+            "owner": r.pod.id,
+            "url": r.pod.url,
+            "epoch": r.epoch,
+            "backups": list(r.backups),
+            "generation": r.generation,
+        }
+    )
+
+
+async def put_assignment(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    token = rt.settings.admin.token
+    if not token:
+        return _error(405, "read_only", "admin.token is not set: state-changing calls are disabled", rt)
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return _error(401, "unauthorized", "a valid 'Authorization: Bearer <admin.token>' is required", rt)
+    if request.content_length is not None and request.content_length > MAX_PUT_BYTES:
+        return _error(413, "body_too_large", f"tables above {MAX_PUT_BYTES} bytes are refused", rt)
+    data = await request.content.read(MAX_PUT_BYTES + 1)
+    if len(data) > MAX_PUT_BYTES:
+        return _error(413, "body_too_large", f"tables above {MAX_PUT_BYTES} bytes are refused", rt)
+    try:
+        table = core.parse(data)
+    except core.AssignmentError as exc:
+        rt.note_reload("invalid", str(exc))
+        return _error(400, "invalid_table", str(exc), rt)
+    verdict = rt.offer(table)
+    if verdict:
+        return _error(409, "refused", verdict, rt)
+    return _json({"applied": True, "generation": table.generation})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[RUNTIME].metrics_text(), content_type="text/plain", charset="utf-8")
+
+
+def make_app(rt: Runtime) -> web.Application:
+    app = web.Application(client_max_size=MAX_PUT_BYTES)
+    app[RUNTIME] = rt
+    app.router.add_get("/-/healthz", healthz)
+    app.router.add_get("/-/readyz", readyz)
+    app.router.add_get("/-/assignment", get_assignment)
+    app.router.add_put("/-/assignment", put_assignment)
+    app.router.add_post("/-/assignment", put_assignment)
+    app.router.add_get("/-/lookup", lookup)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def start(rt: Runtime, host: str, port: int, *, reuse_port: bool = False) -> web.AppRunner:
+    """Start the admin listener; returns the runner (``await runner.cleanup()``)."""
+    try:
+        if not ipaddress.ip_address(host).is_loopback:
+            log.warning("admin listener on non-loopback address %s: anyone who can reach it can read the table", host)
+    except ValueError:
+        if host != "localhost":
+            log.warning("admin listener on %s, which may not be loopback", host)
+    runner = web.AppRunner(make_app(rt), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
+    await site.start()
+    return runner
