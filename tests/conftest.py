@@ -97,16 +97,20 @@ class Proxy:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.runtime.admin_port}"
+
     async def close(self) -> None:
         if not self.stop.done():
             self.stop.set_result(None)
         await self.task
 
 
-async def start_proxy(table: core.Assignment | None, **overrides: Any) -> Proxy:
+async def start_proxy(table: core.Assignment | None, admin: bool = False, **overrides: Any) -> Proxy:
     """Run the real data plane in this loop. ``overrides`` are dotted keys with
     '__' for '.', e.g. ``proxy__missing_key="random"``."""
-    opts = {"proxy.listen": "127.0.0.1:0"}
+    opts = {"proxy.listen": "127.0.0.1:0", "admin.listen": "127.0.0.1:0"}
     opts.update({k.replace("__", "."): v for k, v in overrides.items()})
     settings = load_settings(None, env={}, overrides=opts)
     loop = asyncio.get_running_loop()
@@ -116,7 +120,7 @@ async def start_proxy(table: core.Assignment | None, **overrides: Any) -> Proxy:
     def on_ready(rt: Runtime, socks: list[socket.socket]) -> None:
         ready.set_result((rt, socks[0].getsockname()[1]))
 
-    task = loop.create_task(serve(settings, table, stop, on_ready=on_ready))
+    task = loop.create_task(serve(settings, table, stop, on_ready=on_ready, with_admin=admin))
     done, _ = await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()
@@ -128,8 +132,8 @@ async def start_proxy(table: core.Assignment | None, **overrides: Any) -> Proxy:
 async def proxy_factory() -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
     started: list[Proxy] = []
 
-    async def make(table: core.Assignment | None, **overrides: Any) -> Proxy:
-        p = await start_proxy(table, **overrides)
+    async def make(table: core.Assignment | None, admin: bool = False, **overrides: Any) -> Proxy:
+        p = await start_proxy(table, admin, **overrides)
         started.append(p)
         return p
 
