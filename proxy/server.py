@@ -436,6 +436,7 @@ class ClientProtocol(asyncio.Protocol):
         "upgrading",
         "tunnel",
         "client_eof",
+        "ready",
     )
 
     def __init__(self, runtime: Runtime) -> None:
@@ -460,6 +461,7 @@ class ClientProtocol(asyncio.Protocol):
         self.upgrading = False
         self.tunnel: UpstreamConnection | None = None
         self.client_eof = False
+        self.ready: Exchange | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -511,9 +513,16 @@ class ClientProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             self._begin_upgrade(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
+            bad = self.parsing
             reject = self.reject or (400, "bad_request", f"malformed HTTP request: {exc}")
             self._fail_connection(*reject)
-            return
+            if self.ready is bad:
+                self.ready = None
+        ready = self.ready
+        if ready is not None:
+            self.ready = None
+            if ready is self.exchange and ready.error is None and not ready.resp_started and not self.closed:
+                self._dispatch(ready)
         ex = self.parsing
         if ex is not None and not ex.head_done:
             self.head_bytes += len(data)
@@ -618,6 +627,9 @@ class ClientProtocol(asyncio.Protocol):
                 ex.req_length = int(value)
                 out.append(b"Content-Length: " + value + b"\r\n")
             elif tag == _H_TE:
+                codings = [c.strip().lower() for c in value.split(b",")]
+                if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+                    self._reject(400, "bad_request", "Transfer-Encoding must end in a single chunked coding")
                 te = value
                 ex.req_chunked = True
             elif tag == _H_CONN:
@@ -694,7 +706,9 @@ class ClientProtocol(asyncio.Protocol):
                 self._arm(_T_BODY, rt.body_timeout)
             else:
                 self.deadline = 0.0
-            self._dispatch(ex)
+            # Dispatched once feed_data returns: the parser may still find
+            # this request malformed in the bytes it has not parsed yet.
+            self.ready = ex
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
@@ -837,6 +851,9 @@ class ClientProtocol(asyncio.Protocol):
         if self.exchange is not ex:
             return
         if ex.close_after or not ex.keep_alive or self.runtime.closing or (self.dead and not self.queue):
+            if self.final_error is not None and not ex.close_after:
+                # A later pipelined request was refused: say so before closing.
+                self.write(self.final_error)
             self.close()
             return
         self.exchange = None
@@ -962,7 +979,12 @@ class ClientProtocol(asyncio.Protocol):
             self.deadline = 0.0
             return
         self.deadline = self.loop.time() + seconds
-        if self.timer is None:
+        timer = self.timer
+        if timer is not None and timer.when() > self.deadline:
+            # The new deadline is earlier than the pending timer: move it.
+            timer.cancel()
+            timer = None
+        if timer is None:
             self.timer = self.loop.call_at(self.deadline, self._on_timer)
 
     def _on_timer(self) -> None:
