@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -128,6 +129,10 @@ def _parse_pod_arg(text: str) -> tuple[str, str, float, str]:
 
 
 def cmd_gen(args: argparse.Namespace, out: TextIO) -> int:
+    if args.slices is not None and not 1 <= args.slices <= core.MAX_SLICE_COUNT:
+        raise UsageError(f"--slices {args.slices}: expected 1 to {core.MAX_SLICE_COUNT}")
+    if args.generation is not None and not 1 <= args.generation <= core.MAX_POSITION:
+        raise UsageError(f"--generation {args.generation}: expected a positive integer (Unix ms work well)")
     old = _read_table(args.from_) if args.from_ else None
     specs = [_parse_pod_arg(p) for p in args.pod]
     if not specs:
@@ -147,7 +152,7 @@ def cmd_gen(args: argparse.Namespace, out: TextIO) -> int:
         generation = args.generation or now_ms
         new = core.generate(generation, pods, args.slices or core.DEFAULT_SLICE_COUNT)
     else:
-        if args.slices:
+        if args.slices is not None:
             raise UsageError("gen: --slices cannot be combined with --from (slices are kept from OLD)")
         generation = args.generation or max(now_ms, old.generation + 1)
         new = core.evolve(old, pods, generation, rebalance=args.rebalance)
@@ -169,8 +174,15 @@ def _atomic_write(path: str, data: bytes) -> None:
     """Write to a temp file in the same folder, then rename over ``path``, so a
     watcher never sees a half-written table."""
     folder = os.path.dirname(os.path.abspath(path))
+    # mkstemp makes the file 0600; keep the mode of the file we replace (or
+    # 0644) so a proxy running as another user can still read the table.
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = 0o644
     fd, tmp = tempfile.mkstemp(prefix=".keyroute-", dir=folder)
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
@@ -189,6 +201,29 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     from . import server
 
     return server.main(settings)
+
+
+def cmd_serve_table(args: argparse.Namespace, out: TextIO) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from .config import parse_address
+    from .tableserver import serve_table
+
+    host, port = parse_address(args.listen, "--listen")
+    _read_table(args.file)  # a bad file stops here, with the located error
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        stop: asyncio.Future[None] = loop.create_future()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: None if stop.done() else stop.set_result(None))
+        await serve_table(args.file, host, port, stop)
+
+    asyncio.run(run())
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
@@ -229,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--assignment", help="table source: file:PATH or http(s)://URL")
     r.add_argument("--workers", help="worker processes (N or auto)")
     r.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("serve-table", help="serve a table file to proxies (long-poll protocol)")
+    st.add_argument("file", help="assignment table (JSON), watched")
+    st.add_argument("--listen", default="127.0.0.1:9902", help="address (default 127.0.0.1:9902)")
+    st.set_defaults(func=cmd_serve_table)
 
     d = sub.add_parser("demo", help="three local pods, a table and the proxy, on loopback")
     d.add_argument("--listen", default="127.0.0.1:8080", help="proxy address (default 127.0.0.1:8080)")

@@ -21,7 +21,8 @@ from aiohttp import web
 
 from . import assignment as core
 from .config import load as load_settings
-from .server import Runtime, check_accelerators, serve, watch_table
+from .server import Runtime, check_accelerators, follow, serve
+from .sources.file import FileSource
 
 POD_IDS = ("pod-a", "pod-b", "pod-c")
 POD_ID = web.AppKey("pod_id", str)
@@ -95,7 +96,7 @@ async def _main(listen: str, admin: str, out: TextIO) -> int:
         host, port = socks[0].getsockname()[:2]
         base = f"http://{host}:{port}"
 
-        watcher = watch_table(rt, table_path, 0.2)
+        watcher = follow(rt, FileSource(table_path, poll_interval=1.0))
         owner = table.lookup(b"user-1").pod.id
         lines = [
             f"keyroute demo: proxy on {base}, pods {', '.join(f'{p[0]}={p[1]}' for p in pods)}",

@@ -1088,22 +1088,19 @@ async def shutdown(rt: Runtime, server: asyncio.base_events.Server) -> None:
     await server.wait_closed()
 
 
-def watch_table(rt: Runtime, path: str, interval: float) -> asyncio.Task[None]:
-    """Re-read the table file when it changes and offer it to the runtime
-    (newer generations are applied; everything else is refused and logged)."""
-    from . import sources
+def follow(rt: Runtime, source: Any) -> asyncio.Task[None]:
+    """Apply what a table source yields: newer generations go in force, the
+    rest is refused, counted and logged; the table in force stays."""
+    from .sources import Failure
 
-    def current() -> Assignment | None:
-        return rt.table.assignment if rt.table is not None else None
+    async def run() -> None:
+        async for item in source.updates():
+            if isinstance(item, Failure):
+                rt.note_reload(item.kind, item.detail)
+            else:
+                rt.offer(item)
 
-    def apply(new: Assignment) -> None:
-        rt.offer(new)
-
-    def refuse(why: str) -> None:
-        kind = "stale" if why.startswith("stale") else "conflict" if why.startswith("conflicting") else "invalid"
-        rt.note_reload(kind, why)
-
-    return rt.loop.create_task(sources.poll_file(path, interval, current, apply, refuse))
+    return rt.loop.create_task(run())
 
 
 # -- process entry points ---------------------------------------------------------
@@ -1135,6 +1132,8 @@ def run_worker(settings: Settings, assignment: Assignment | None) -> int:
     """Serve on uvloop until SIGTERM/SIGINT; a second signal exits at once."""
     import uvloop
 
+    from . import sources
+
     async def _main() -> None:
         loop = asyncio.get_running_loop()
         stop: asyncio.Future[int] = loop.create_future()
@@ -1160,9 +1159,11 @@ def run_worker(settings: Settings, assignment: Assignment | None) -> int:
             gen = table.generation if table is not None else None
             log.info("pid %d serving on %s, admin port %s, generation %s", os.getpid(), addrs, rt.admin_port, gen)
 
-            src = settings.assignment.source
-            if src.startswith("file:"):
-                watcher.append(watch_table(rt, src[5:], settings.assignment.poll_interval))
+            a = settings.assignment
+            source = sources.open_source(
+                a.source, watch=a.watch, poll_interval=a.poll_interval, authorization=a.authorization
+            )
+            watcher.append(follow(rt, source))
 
         watcher: list[asyncio.Task[None]] = []
         try:

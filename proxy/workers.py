@@ -29,7 +29,7 @@ def _reserve(host: str, port: int) -> socket.socket:
     return sock
 
 
-def supervise(settings: Settings, assignment: Assignment, n: int) -> int:
+def supervise(settings: Settings, assignment: Assignment | None, n: int) -> int:
     from .server import run_worker
 
     host, port = settings.listen_address

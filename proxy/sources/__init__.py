@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
 
 from ..assignment import Assignment, AssignmentError, parse
+
+# Tables larger than this are parsed in a worker thread so the event loop
+# keeps serving requests while a 100k-slice table is validated.
+OFF_LOOP_BYTES = 256 * 1024
 
 
 class SourceError(Exception):
     """A source cannot be used at all (unsupported scheme, unreadable file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What a source yields when it could not produce a table: ``kind`` is
+    "invalid" (content refused) or "error" (could not fetch)."""
+
+    kind: str
+    detail: str
+
+
+async def parse_off_loop(data: bytes) -> Assignment:
+    """Parse and validate, off the event loop when the table is big."""
+    if len(data) < OFF_LOOP_BYTES:
+        return parse(data)
+    return await asyncio.get_running_loop().run_in_executor(None, parse, data)
 
 
 def file_path(source: str) -> str:
@@ -36,46 +57,34 @@ def read_file(path: str) -> Assignment:
         raise AssignmentError(f"{path}: {exc}") from None
 
 
-def load_initial(source: str) -> Assignment:
-    """The first table, read once at startup."""
+def load_initial(source: str) -> Assignment | None:
+    """The first table of a file source, read at startup so that a missing or
+    invalid file stops startup. HTTP sources start empty (503, not ready) and
+    fill in when the first fetch succeeds."""
     if source.startswith(("http://", "https://")):
-        raise SourceError(
-            f"assignment.source: {source!r}: HTTP table sources are not available in this build; use file:PATH"
-        )
+        return None
     return read_file(file_path(source))
 
 
-async def poll_file(
-    path: str,
-    interval: float,
-    current: Callable[[], Assignment | None],
-    apply: Callable[[Assignment], None],
-    refuse: Callable[[str], None],
-) -> None:
-    """Re-read ``path`` whenever its identity (inode, size, mtime) changes and
-    apply tables with a higher generation. A missing, partial or invalid file,
-    a stale or a conflicting table is refused through ``refuse`` and the table
-    in force stays. Runs until cancelled."""
-    seen: tuple[int, int, int] | None = None
-    while True:
-        try:
-            st = os.stat(path)
-            ident = (st.st_ino, st.st_size, st.st_mtime_ns)
-        except OSError:
-            ident = None
-        if ident is not None and ident != seen:
-            seen = ident
-            try:
-                table = read_file(path)
-            except (SourceError, AssignmentError) as exc:
-                refuse(str(exc))
-            else:
-                verdict = judge(current(), table)
-                if verdict is None:
-                    apply(table)
-                elif verdict:
-                    refuse(verdict)
-        await asyncio.sleep(interval)
+class Source(Protocol):
+    """A source of tables: ``updates()`` yields each new validated table, or a
+    ``Failure`` when a change could not be used. It never ends by itself."""
+
+    @property
+    def name(self) -> str: ...
+
+    def updates(self) -> AsyncIterator[Assignment | Failure]: ...
+
+
+def open_source(source: str, *, watch: str = "auto", poll_interval: float = 1.0, authorization: str = "") -> Source:
+    """The source named by ``assignment.source``."""
+    if source.startswith(("http://", "https://")):
+        from .http import HttpSource
+
+        return HttpSource(source, poll_interval=poll_interval, authorization=authorization)
+    from .file import FileSource
+
+    return FileSource(file_path(source), watch=watch, poll_interval=poll_interval)
 
 
 def judge(old: Assignment | None, new: Assignment) -> str | None:

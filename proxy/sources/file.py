@@ -1,0 +1,93 @@
+"""``file:PATH``: a watched table file.
+
+Reacts to in-place writes, atomic renames (write a temp file, then ``mv``) and
+the Kubernetes ConfigMap symlink swap (``..data`` -> a new timestamped folder):
+all three change the identity (device, inode, size, mtime) of the file that
+PATH resolves to. inotify (through watchfiles) wakes the watcher at once; the
+identity is also checked every ``poll_interval`` in case events are lost, and
+``watch = "poll"`` uses only that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+from ..assignment import Assignment, AssignmentError
+from . import Failure, SourceError, parse_off_loop
+
+Identity = tuple[int, int, int, int]
+
+
+def identity(path: str) -> Identity | None:
+    try:
+        st = os.stat(path)  # follows symlinks: a swapped ConfigMap is a new file
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class FileSource:
+    """Yields a validated ``Assignment`` each time the file changes, or an
+    ``Failure`` when the new content cannot be used."""
+
+    def __init__(self, path: str, *, watch: str = "auto", poll_interval: float = 1.0, debounce: float = 0.02) -> None:
+        self.path = path
+        self.watch = watch
+        self.poll_interval = poll_interval
+        self.debounce = debounce
+        self.seen: Identity | None = identity(path)
+
+    @property
+    def name(self) -> str:
+        return f"file:{self.path}"
+
+    async def _read(self) -> Assignment | Failure:
+        try:
+            with open(self.path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            return Failure("error", f"{self.path}: cannot read: {exc.strerror}")
+        try:
+            return await parse_off_loop(data)
+        except AssignmentError as exc:
+            return Failure("invalid", f"{self.path}: {exc}")
+
+    async def updates(self) -> AsyncIterator[Assignment | Failure]:
+        async for _ in self._ticks():
+            ident = identity(self.path)
+            if ident is None or ident == self.seen:
+                continue
+            if self.debounce:
+                # Let a burst of writes settle; read what it left.
+                await asyncio.sleep(self.debounce)
+                ident = identity(self.path)
+                if ident is None:
+                    continue
+            self.seen = ident
+            yield await self._read()
+
+    async def _ticks(self) -> AsyncIterator[None]:
+        if self.watch == "poll":
+            while True:
+                await asyncio.sleep(self.poll_interval)
+                yield None
+        try:
+            import watchfiles
+        except ImportError as exc:  # pragma: no cover - watchfiles is a dependency
+            raise SourceError(f'assignment.watch = auto needs watchfiles ({exc}); set watch = "poll"') from None
+        folders = {os.path.dirname(os.path.abspath(self.path))}
+        real = os.path.dirname(os.path.realpath(self.path))
+        if os.path.isdir(real):
+            folders.add(real)
+        async for _ in watchfiles.awatch(
+            *folders,
+            watch_filter=None,
+            debounce=int(self.debounce * 1000) or 1,
+            step=10,
+            recursive=False,
+            rust_timeout=int(self.poll_interval * 1000),
+            yield_on_timeout=True,
+        ):
+            yield None

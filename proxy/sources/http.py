@@ -1,0 +1,105 @@
+"""``http(s)://URL``: a polled or long-polled table endpoint.
+
+Plain servers (nginx serving the file, an object store) are polled every
+``poll_interval`` with ``If-None-Match``. A server that answers with the header
+``X-Keyroute-Long-Poll: 1`` (``keyroute serve-table`` does) is long-polled:
+``GET URL?after=<generation>&wait=<seconds>`` returns the table as soon as it is
+newer than ``after``, or 304 when ``wait`` runs out, so a change arrives at once
+without hammering the server. Errors back off exponentially with jitter; the
+table in force stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from ..assignment import Assignment, AssignmentError
+from . import Failure, parse_off_loop
+
+LONG_POLL_HEADER = "X-Keyroute-Long-Poll"
+MAX_TABLE_BYTES = 256 << 20
+
+
+class HttpSource:
+    def __init__(
+        self,
+        url: str,
+        *,
+        poll_interval: float = 1.0,
+        authorization: str = "",
+        timeout: float = 10.0,
+        wait: float = 30.0,
+        backoff_base: float = 0.25,
+        backoff_cap: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.poll_interval = poll_interval
+        self.authorization = authorization
+        self.timeout = timeout
+        self.wait = wait
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.etag: str | None = None
+        self.generation: int | None = None
+        self.long_poll = False
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    def _backoff(self, failures: int) -> float:
+        # "Full jitter": uniform in [0, min(cap, base * 2**n)].
+        return random.uniform(0, min(self.backoff_cap, self.backoff_base * (2**failures)))
+
+    async def updates(self) -> AsyncIterator[Assignment | Failure]:
+        failures = 0
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+            while True:
+                headers = {}
+                if self.etag:
+                    headers["If-None-Match"] = self.etag
+                if self.authorization:
+                    headers["Authorization"] = self.authorization
+                params = {}
+                if self.long_poll and self.generation is not None:
+                    params = {"after": str(self.generation), "wait": f"{self.wait:g}"}
+                budget = self.timeout + (self.wait if params else 0)
+                result: Assignment | Failure | None = None
+                try:
+                    async with session.get(
+                        self.url, params=params, headers=headers, timeout=aiohttp.ClientTimeout(total=budget)
+                    ) as r:
+                        self.long_poll = r.headers.get(LONG_POLL_HEADER) == "1"
+                        if r.status == 304:
+                            failures = 0
+                        elif r.status == 200:
+                            data = await r.content.read(MAX_TABLE_BYTES + 1)
+                            if len(data) > MAX_TABLE_BYTES:
+                                result = Failure("invalid", f"{self.url}: table larger than {MAX_TABLE_BYTES} bytes")
+                            else:
+                                try:
+                                    table = await parse_off_loop(data)
+                                except AssignmentError as exc:
+                                    # Not asked again until it changes (plain servers honour the ETag).
+                                    self.etag = r.headers.get("ETag")
+                                    result = Failure("invalid", f"{self.url}: {exc}")
+                                else:
+                                    self.etag = r.headers.get("ETag")
+                                    self.generation = table.generation
+                                    result = table
+                                    failures = 0
+                        else:
+                            result = Failure("error", f"{self.url}: HTTP {r.status}")
+                except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                    result = Failure("error", f"{self.url}: {exc.__class__.__name__}: {exc}")
+                if result is not None:
+                    yield result
+                if isinstance(result, Failure):
+                    failures += 1
+                    await asyncio.sleep(self._backoff(failures))
+                elif not self.long_poll:
+                    await asyncio.sleep(self.poll_interval)

@@ -1,0 +1,102 @@
+"""``keyroute serve-table FILE``: a reference server for the long-poll protocol.
+
+Watches FILE like the proxy does and serves the last valid table:
+
+* ``GET /`` -> 200 with the table, ``ETag: "<generation>"``; 304 if
+  ``If-None-Match`` matches.
+* ``GET /?after=G&wait=S`` -> the table as soon as its generation is above G,
+  or 304 after S seconds (at most 300).
+
+Every answer carries ``X-Keyroute-Long-Poll: 1`` so proxies know they may
+long-poll. One server can feed many proxies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from .assignment import Assignment
+from .sources import Failure, judge, read_file
+from .sources.file import FileSource
+from .sources.http import LONG_POLL_HEADER
+
+log = logging.getLogger("keyroute.serve-table")
+MAX_WAIT = 300.0
+
+
+class TableServer:
+    def __init__(self, path: str, table: Assignment) -> None:
+        self.path = path
+        self.table = table
+        self.body = table.dumps(explicit=not table.generated)
+        self.changed = asyncio.Event()
+
+    def publish(self, table: Assignment) -> None:
+        self.table = table
+        self.body = table.dumps(explicit=not table.generated)
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def _etag(self) -> str:
+        return f'"{self.table.generation}"'
+
+    def _answer(self, request: web.Request) -> web.Response:
+        headers = {"ETag": self._etag(), LONG_POLL_HEADER: "1", "Cache-Control": "no-cache"}
+        if request.headers.get("If-None-Match") == self._etag() and "after" not in request.query:
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=self.body, content_type="application/json", headers=headers)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        q = request.query
+        if "after" not in q:
+            return self._answer(request)
+        try:
+            after = int(q["after"])
+            wait = min(float(q.get("wait", "30")), MAX_WAIT)
+        except ValueError:
+            return web.json_response(
+                {"error": "bad_request", "detail": "after must be an integer and wait a number of seconds"},
+                status=400,
+            )
+        if self.table.generation > after:
+            return self._answer(request)
+        try:
+            async with asyncio.timeout(max(wait, 0.0)):
+                while self.table.generation <= after:
+                    await self.changed.wait()
+        except TimeoutError:
+            return web.Response(status=304, headers={"ETag": self._etag(), LONG_POLL_HEADER: "1"})
+        return self._answer(request)
+
+    async def watch(self, source: FileSource) -> None:
+        async for item in source.updates():
+            if isinstance(item, Failure):
+                log.warning("table refused, generation %d stays: %s", self.table.generation, item.detail)
+                continue
+            verdict = judge(self.table, item)
+            if verdict is None:
+                log.info("serving generation %d", item.generation)
+                self.publish(item)
+            elif verdict:
+                log.warning("table refused, generation %d stays: %s", self.table.generation, verdict)
+
+
+async def serve_table(path: str, host: str, port: int, stop: asyncio.Future[None], poll_interval: float = 1.0) -> None:
+    server = TableServer(path, read_file(path))
+    app = web.Application()
+    app.router.add_get("/", server.handle)
+    app.router.add_get("/assignment.json", server.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("serving %s on %s:%d (generation %d)", path, host, runner.addresses[0][1], server.table.generation)
+    watcher = asyncio.get_running_loop().create_task(server.watch(FileSource(path, poll_interval=poll_interval)))
+    try:
+        await stop
+    finally:
+        watcher.cancel()
+        await runner.cleanup()
