@@ -8,6 +8,7 @@ Unknown keys and bad values raise ``ConfigError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -31,25 +32,31 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 def parse_duration(value: Any, key: str) -> float:
     """``"250ms"``, ``"2s"``, ``"1m"``, ``"1h"`` (or a number of seconds) -> seconds."""
     if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a duration like \"250ms\" or \"2s\", got {value!r}")
+        raise ConfigError(f'{key}: expected a duration like "250ms" or "2s", got {value!r}')
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value)):
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
-        raise ConfigError(f"{key}: expected a duration like \"250ms\" or \"2s\", got {value!r}")
-    if seconds < 0:
-        raise ConfigError(f"{key}: duration must not be negative, got {value!r}")
+        raise ConfigError(f'{key}: expected a duration like "250ms" or "2s", got {value!r}')
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"{key}: duration must be finite and not negative, got {value!r}")
     return seconds
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²", which int() refuses,
+    and int() refuses more than 4300 digits."""
+    return text.isascii() and text.isdigit() and len(text) <= 18
 
 
 def parse_address(value: Any, key: str) -> tuple[str, int]:
     """``"host:port"`` or ``"[v6]:port"`` -> (host, port). Port 0 picks a free port."""
     if not isinstance(value, str):
-        raise ConfigError(f"{key}: expected \"host:port\", got {value!r}")
+        raise ConfigError(f'{key}: expected "host:port", got {value!r}')
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{key}: expected \"host:port\" (like \"127.0.0.1:8080\"), got {value!r}")
+    if not sep or not host or not _is_number(port) or int(port) > 65535:
+        raise ConfigError(f'{key}: expected "host:port" (like "127.0.0.1:8080"), got {value!r}')
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
@@ -89,6 +96,7 @@ class AssignmentSettings:
     source: str = "file:config/assignment.json"
     watch: str = "auto"  # auto | poll
     poll_interval: float = _dur("1s")
+    authorization: str = ""  # Authorization header for http(s) sources, e.g. "Bearer ..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,13 +163,17 @@ def _coerce(section: str, f: dataclasses.Field[Any], value: Any, from_text: bool
         return value
     default = f.default
     if isinstance(default, bool):
-        if from_text and isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        if (
+            from_text
+            and isinstance(value, str)
+            and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off")
+        ):
             return value.lower() in ("true", "1", "yes", "on")
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if isinstance(default, int) and f.name != "workers":
-        if from_text and isinstance(value, str) and value.strip().isdigit():
+        if from_text and isinstance(value, str) and _is_number(value.strip()):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{key}: expected a non-negative integer, got {value!r}")
@@ -169,10 +181,10 @@ def _coerce(section: str, f: dataclasses.Field[Any], value: Any, from_text: bool
     if f.name == "workers":
         if value == "auto":
             return value
-        if from_text and isinstance(value, str) and value.strip().isdigit():
+        if from_text and isinstance(value, str) and _is_number(value.strip()):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key}: expected a positive integer or \"auto\", got {value!r}")
+            raise ConfigError(f'{key}: expected a positive integer or "auto", got {value!r}')
         return value
     if not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -182,10 +194,8 @@ def _coerce(section: str, f: dataclasses.Field[Any], value: Any, from_text: bool
 def _check(s: Settings) -> None:
     """Cross-field checks, once at load."""
     p = s.proxy
-    if p.missing_key not in ("reject", "random") and not (
-        p.missing_key.startswith("pod:") and len(p.missing_key) > 4
-    ):
-        raise ConfigError(f"proxy.missing_key: expected reject, random or \"pod:<id>\", got {p.missing_key!r}")
+    if p.missing_key not in ("reject", "random") and not (p.missing_key.startswith("pod:") and len(p.missing_key) > 4):
+        raise ConfigError(f'proxy.missing_key: expected reject, random or "pod:<id>", got {p.missing_key!r}')
     if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", p.key_header):
         raise ConfigError(f"proxy.key_header: {p.key_header!r} is not a valid header name")
     if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", p.via):
@@ -196,10 +206,13 @@ def _check(s: Settings) -> None:
         raise ConfigError(f"assignment.watch: expected auto or poll, got {s.assignment.watch!r}")
     src = s.assignment.source
     if not (src.startswith("file:") and len(src) > 5) and not src.startswith(("http://", "https://")):
-        raise ConfigError(f"assignment.source: expected \"file:PATH\" or an http(s):// URL, got {src!r}")
+        raise ConfigError(f'assignment.source: expected "file:PATH" or an http(s):// URL, got {src!r}')
     if s.upstream.failover not in ("backups", "any", "none"):
         raise ConfigError(f"upstream.failover: expected backups, any or none, got {s.upstream.failover!r}")
-    for key, v in (("upstream.connect_timeout", s.upstream.connect_timeout), ("upstream.response_timeout", s.upstream.response_timeout)):
+    for key, v in (
+        ("upstream.connect_timeout", s.upstream.connect_timeout),
+        ("upstream.response_timeout", s.upstream.response_timeout),
+    ):
         if v <= 0:
             raise ConfigError(f"{key}: must be above zero")
 
