@@ -320,7 +320,7 @@ class Exchange:
             lname = name.lower()
             if lname in wire.HOP_BY_HOP:
                 if lname == b"connection":
-                    drop = wire.connection_tokens(value)
+                    drop = wire.connection_tokens(value) or None
                 elif lname == b"upgrade":
                     upgrade_value = value
                 continue
@@ -437,6 +437,7 @@ class ClientProtocol(asyncio.Protocol):
         "tunnel",
         "client_eof",
         "ready",
+        "wbuf",
     )
 
     def __init__(self, runtime: Runtime) -> None:
@@ -462,6 +463,7 @@ class ClientProtocol(asyncio.Protocol):
         self.tunnel: UpstreamConnection | None = None
         self.client_eof = False
         self.ready: Exchange | None = None
+        self.wbuf: list[bytes] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -633,7 +635,9 @@ class ClientProtocol(asyncio.Protocol):
                 te = value
                 ex.req_chunked = True
             elif tag == _H_CONN:
-                drop = wire.connection_tokens(value) if drop is None else drop + wire.connection_tokens(value)
+                tokens = wire.connection_tokens(value)
+                if tokens:
+                    drop = tokens if drop is None else drop + tokens
             elif tag == _H_HOST:
                 host = value
                 out.append(b"Host: " + value + b"\r\n")
@@ -939,8 +943,25 @@ class ClientProtocol(asyncio.Protocol):
     # -- plumbing -----------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        if self.wbuf is not None:
+            self.wbuf.append(data)
+        elif self.transport is not None and not self.closed:
             self.transport.write(data)
+
+    def cork(self) -> None:
+        """Collect writes until ``uncork``: a response head and its body, parsed
+        from one read of the pod, leave in one system call."""
+        if self.wbuf is None:
+            self.wbuf = []
+
+    def uncork(self) -> None:
+        buf = self.wbuf
+        self.wbuf = None
+        if buf and self.transport is not None and not self.closed:
+            if len(buf) == 1:
+                self.transport.write(buf[0])
+            else:
+                self.transport.writelines(buf)
 
     def write_eof(self) -> None:
         """The pod half-closed a tunnel."""
@@ -954,6 +975,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
+            self.uncork()
             self.closed = True
             self.transport.close()
 

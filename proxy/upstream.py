@@ -97,6 +97,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = True
         if self.deadline:
             self.deadline = self.loop.time() + self.pool.response_timeout
+        client = ex.client
+        client.cork()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -110,6 +112,8 @@ class UpstreamConnection(asyncio.Protocol):
             if self.exchange is ex and not self.closed:
                 self.discard()
                 ex.upstream_failed(self, 502, "bad_response", f"pod {self.pool.pod_id} sent bad HTTP: {exc}")
+        finally:
+            client.uncork()
 
     def eof_received(self) -> bool | None:
         ex = self.exchange

@@ -47,9 +47,16 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
+_PLAIN_CONNECTION = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
 def connection_tokens(value: bytes) -> list[bytes]:
-    """Header names listed in a Connection header, lower-case."""
-    return [t.strip().lower() for t in value.split(b",") if t.strip()]
+    """Header names listed in a Connection header, lower-case, leaving out the
+    ones that are hop-by-hop anyway (the common "keep-alive", "close")."""
+    if value.lower() in _PLAIN_CONNECTION:
+        return []
+    tokens = (t.strip().lower() for t in value.split(b","))
+    return [t for t in tokens if t and t not in HOP_BY_HOP and t not in _PLAIN_CONNECTION]
 
 
 def error_response(
