@@ -131,6 +131,8 @@ class Runtime:
         self.idle_timeout = p.idle_timeout
         self.max_header_bytes = p.max_header_bytes
         self.max_body_bytes = p.max_body_bytes
+        # How far ahead a client connection's timer is ever scheduled.
+        self.timer_step = min(t for t in (p.header_timeout, p.body_timeout, p.idle_timeout, 3600.0) if t > 0)
         self.table: RoutingTable | None = None
         self.upstreams = Upstreams(loop, settings.upstream)
         self.connections: set[ClientProtocol] = set()
@@ -996,18 +998,22 @@ class ClientProtocol(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def _arm(self, kind: int, seconds: float) -> None:
+        """Set the connection's one deadline. The timer is scheduled no further
+        than ``header_timeout`` ahead, so the next (usually shorter) deadline
+        rarely has to move it: most requests create no timer at all."""
         self.timer_kind = kind
         if seconds <= 0:
             self.deadline = 0.0
             return
-        self.deadline = self.loop.time() + seconds
+        now = self.loop.time()
+        self.deadline = now + seconds
         timer = self.timer
         if timer is not None and timer.when() > self.deadline:
             # The new deadline is earlier than the pending timer: move it.
             timer.cancel()
             timer = None
         if timer is None:
-            self.timer = self.loop.call_at(self.deadline, self._on_timer)
+            self.timer = self.loop.call_at(min(self.deadline, now + self.runtime.timer_step), self._on_timer)
 
     def _on_timer(self) -> None:
         self.timer = None
@@ -1018,7 +1024,7 @@ class ClientProtocol(asyncio.Protocol):
             # We stopped reading, not the client.
             self.deadline = now + self.runtime.body_timeout
         if now < self.deadline:
-            self.timer = self.loop.call_at(self.deadline, self._on_timer)
+            self.timer = self.loop.call_at(min(self.deadline, now + self.runtime.timer_step), self._on_timer)
             return
         kind = self.timer_kind
         if kind == _T_IDLE:
