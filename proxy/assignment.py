@@ -12,6 +12,8 @@ afterwards by ``lookup``):
 * ``starts`` is strictly increasing, ``starts[0] == 0`` and every start is
   below ``2**64``; slice ``i`` covers ``[starts[i], starts[i + 1])`` and the
   last one runs to ``2**64``. So every position lies in exactly one slice.
+* ``_index`` is derived from ``starts`` (see ``Assignment.__init__``) and
+  narrows every lookup to the slices of one bucket of top bits.
 * ``routes[i]`` describes slice ``i``: its owner names a pod of the table,
   ``1 <= epoch <= generation``, and its backups are distinct pods of the
   table other than the owner.
@@ -21,11 +23,13 @@ from __future__ import annotations
 
 import math
 import re
+from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate, count, repeat
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import mmh3
 import orjson
@@ -36,6 +40,8 @@ FORMAT_VERSION = 1
 DEFAULT_SLICE_COUNT = 4096
 MAX_SLICE_COUNT = 1 << 20
 MAX_WEIGHT = 1_000_000.0
+# Lookup index size: up to 2**20 buckets (8 MiB), about one per slice.
+_INDEX_BITS = 20
 # Generated tables list this many backups per slice; failover beyond them can
 # walk the remaining pods in rendezvous order for the slice.
 GENERATED_BACKUPS = 3
@@ -45,11 +51,18 @@ _HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))")
 _TOP_FIELDS = frozenset({"version", "generation", "pods", "slices", "slice_count"})
 _POD_FIELDS = frozenset({"url", "weight", "state"})
 _SLICE_FIELDS = frozenset({"start", "pod", "epoch", "backups"})
+_MISSING: Any = object()
+# ASCII digits only (int() also takes other scripts' digits, "_" and spaces).
+# 64 digits is far beyond 2**64 and keeps int() within its digit limit.
+_START_RE = re.compile(r"0[xX][0-9A-Fa-f]{1,64}|[0-9]{1,64}")
 STATES = ("active", "draining")
 
 
 class AssignmentError(ValueError):
     """A table was refused. The message names the place: ``slices[3].pod: ...``."""
+
+
+_hash64 = mmh3.hash64
 
 
 def position(key: bytes) -> int:
@@ -58,7 +71,8 @@ def position(key: bytes) -> int:
     The low 64 bits of MurmurHash3 x64_128 with seed 0, unsigned. Tables in the
     wild depend on this value: it must never change.
     """
-    return mmh3.hash64(key, 0, signed=False)[0]  # type: ignore[no-any-return]
+    # signed= by keyword: mmh3 5.x ignores a positional signed argument.
+    return _hash64(key, 0, signed=False)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +91,14 @@ class Pod:
         return self.state == "active"
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
+class Route(NamedTuple):
     """Where one slice of the key space goes. ``lookup`` returns these,
-    precomputed per slice, so a lookup allocates nothing."""
+    precomputed per slice, so a lookup allocates nothing.
 
-    index: int
+    A named tuple rather than a frozen dataclass: just as immutable, and a
+    table of a million slices builds them several times faster."""
+
+    index: int  # type: ignore[assignment]  # shadows tuple.index, on purpose
     start: int
     end: int  # exclusive; 2**64 for the last slice
     pod: Pod
@@ -116,7 +132,7 @@ class SliceSpec:
 class Assignment:
     """An immutable, validated assignment table. Build with ``parse`` or ``build``."""
 
-    __slots__ = ("generation", "pods", "routes", "starts", "generated", "slice_count")
+    __slots__ = ("generation", "pods", "routes", "starts", "generated", "slice_count", "_index", "_shift")
 
     generation: int
     pods: Mapping[str, Pod]
@@ -125,24 +141,37 @@ class Assignment:
     generated: bool
     slice_count: int
 
-    def __init__(
-        self, generation: int, pods: Mapping[str, Pod], routes: Sequence[Route], generated: bool
-    ) -> None:
+    def __init__(self, generation: int, pods: Mapping[str, Pod], routes: Sequence[Route], generated: bool) -> None:
         self.generation = generation
         self.pods = MappingProxyType(dict(pods))
         self.routes = tuple(routes)
         # A list, not a tuple: bisect is a little faster on lists.
-        self.starts = [r.start for r in self.routes]
+        self.starts = starts = [r.start for r in self.routes]
         self.generated = generated
         self.slice_count = len(self.routes)
+        # An index on the top bits of positions: ``_index[b]`` counts the starts
+        # whose top bits are below ``b``, so the slice of a position with top
+        # bits ``b`` lies in ``starts[_index[b] - 1 : _index[b + 1]]``, mostly
+        # one or two slices. A lookup then touches a few cache lines instead of
+        # walking a binary search over the whole table.
+        bits = min(max(len(starts).bit_length(), 1), _INDEX_BITS)
+        shift = self._shift = 64 - bits
+        counts = [0] * ((1 << bits) + 1)
+        for start in starts:
+            counts[(start >> shift) + 1] += 1
+        self._index = array("q", accumulate(counts))
 
     def lookup(self, key: bytes) -> Route:
-        """Route for a routing key (raw header bytes). O(log slices)."""
-        return self.routes[bisect_right(self.starts, position(key)) - 1]
+        """Route for a routing key (raw header bytes)."""
+        # lookup_position(position(key)), inlined: this runs once per proxied request.
+        pos = _hash64(key, 0, signed=False)[0]
+        index, b = self._index, pos >> self._shift
+        return self.routes[bisect_right(self.starts, pos, index[b], index[b + 1]) - 1]
 
     def lookup_position(self, pos: int) -> Route:
         """Route for a position in ``[0, 2**64)``."""
-        return self.routes[bisect_right(self.starts, pos) - 1]
+        index, b = self._index, pos >> self._shift
+        return self.routes[bisect_right(self.starts, pos, index[b], index[b + 1]) - 1]
 
     def shares(self) -> dict[str, float]:
         """Share of the key space owned by each pod (0.0 for pods that own none)."""
@@ -215,8 +244,7 @@ def from_json(doc: Any) -> Assignment:
     if "slices" in doc:
         if "slice_count" in doc:
             raise AssignmentError("slice_count: only allowed in tables without slices")
-        specs = _parse_slices(doc["slices"], pods)
-        return build(generation, pods, specs)
+        return Assignment(generation, pods, _parse_slices(doc["slices"], pods, generation), generated=False)
     slice_count = DEFAULT_SLICE_COUNT
     if "slice_count" in doc:
         slice_count = _positive_int(doc["slice_count"], "slice_count")
@@ -267,7 +295,7 @@ def parse_url(url: Any, where: str) -> tuple[str, int]:
 
 
 def _port(p: str, url: str, where: str) -> int:
-    if not p.isdigit() or not 0 < int(p) < 65536:
+    if not (p.isascii() and p.isdigit() and len(p) <= 5) or not 0 < int(p) < 65536:
         raise AssignmentError(f"{where}: bad port {p!r} in {url!r}")
     return int(p)
 
@@ -283,7 +311,7 @@ def _parse_pods(raw: Any) -> dict[str, Pod]:
             raise AssignmentError(f"pods.{pid!r}: bad pod id (letters, digits and _.:- only, at most 253)")
         where = f"pods.{pid}"
         if not isinstance(spec, dict):
-            raise AssignmentError(f"{where}: expected an object like {{\"url\": \"http://host:port\"}}")
+            raise AssignmentError(f'{where}: expected an object like {{"url": "http://host:port"}}')
         unknown = sorted(set(spec) - _POD_FIELDS)
         if unknown:
             raise AssignmentError(f"{where}.{unknown[0]}: unknown field (known: url, weight, state)")
@@ -304,12 +332,9 @@ def _parse_pods(raw: Any) -> dict[str, Pod]:
 
 def _parse_start(v: Any, where: str) -> int:
     if isinstance(v, str):
-        try:
-            n = int(v, 16) if v[:2] in ("0x", "0X") else int(v, 10)
-        except ValueError:
-            raise AssignmentError(f"{where}: {v!r} is not a 0x hex string or a decimal integer") from None
-        if v[:1] in "+- " or v[-1:] == " " or "_" in v:
+        if not _START_RE.fullmatch(v):
             raise AssignmentError(f"{where}: {v!r} is not a 0x hex string or a decimal integer")
+        n = int(v, 16) if v[1:2] in ("x", "X") else int(v)
     elif isinstance(v, int) and not isinstance(v, bool):
         n = v
     else:
@@ -319,63 +344,150 @@ def _parse_start(v: Any, where: str) -> int:
     return n
 
 
-def _parse_slices(raw: Any, pods: Mapping[str, Pod]) -> list[SliceSpec]:
+def _slice_spec(s: Any, where: str) -> SliceSpec:
+    """Shape checks of one slice as written: its fields and their types."""
+    if not isinstance(s, dict):
+        raise AssignmentError(f"{where}: expected an object, got {_kind(s)}")
+    unknown = sorted(set(s) - _SLICE_FIELDS)
+    if unknown:
+        raise AssignmentError(f"{where}.{unknown[0]}: unknown field (known: start, pod, epoch, backups)")
+    if "start" not in s:
+        raise AssignmentError(f"{where}.start: missing")
+    start = _parse_start(s["start"], f"{where}.start")
+    pod = s.get("pod")
+    if not isinstance(pod, str):
+        raise AssignmentError(f"{where}.pod: expected a pod id, got {pod!r}")
+    epoch = None if "epoch" not in s else _positive_int(s["epoch"], f"{where}.epoch")
+    backups = s.get("backups", [])
+    if not isinstance(backups, list) or not all(isinstance(b, str) for b in backups):
+        raise AssignmentError(f"{where}.backups: expected an array of pod ids")
+    return SliceSpec(start, pod, epoch, tuple(backups))
+
+
+def _check_slice(i: int, s: SliceSpec, prev: int, pods: Mapping[str, Pod], generation: int) -> tuple[Pod, int]:
+    """Checks of slice ``i`` against its table (order, owner, epoch, backups).
+    ``prev`` is the previous slice's start (-1 for the first). Returns the owner
+    and the epoch."""
+    where = f"slices[{i}]"
+    if i == 0 and s.start != 0:
+        raise AssignmentError(f"{where}.start: the first slice must start at 0x0, not 0x{s.start:x}")
+    if s.start <= prev:
+        raise AssignmentError(
+            f"{where}.start: 0x{s.start:x} is not above the previous start 0x{prev:x} (slices must be sorted)"
+        )
+    pod = pods.get(s.pod)
+    if pod is None:
+        raise AssignmentError(f"{where}.pod: unknown pod {s.pod!r}")
+    epoch = generation if s.epoch is None else s.epoch
+    if epoch > generation:
+        raise AssignmentError(f"{where}.epoch: {epoch} is above the table's generation {generation}")
+    seen = {s.pod}
+    for j, b in enumerate(s.backups):
+        if b not in pods:
+            raise AssignmentError(f"{where}.backups[{j}]: unknown pod {b!r}")
+        if b in seen:
+            raise AssignmentError(f"{where}.backups[{j}]: {b!r} is the owner or listed twice")
+        seen.add(b)
+    return pod, epoch
+
+
+def _routes(
+    generation: int, starts: list[int], owners: list[Pod], epochs: list[int], backups: list[tuple[str, ...]]
+) -> list[Route]:
+    ends = starts[1:]
+    ends.append(KEY_SPACE)
+    # tuple.__new__ over zip: the fields are already in order, no per-route call.
+    return list(
+        map(tuple.__new__, repeat(Route), zip(count(), starts, ends, owners, epochs, backups, repeat(generation)))
+    )
+
+
+def _parse_slices(raw: Any, pods: Mapping[str, Pod], generation: int) -> list[Route]:
+    """Validate a table's ``slices`` array and resolve it into routes.
+
+    Tables can hold a million slices, so the common well-formed slice is
+    checked inline; any other slice (and the first of each owner/backups
+    combination) goes through ``_slice_spec`` and ``_check_slice``, which are
+    the reference checks and raise the located error.
+    """
     if not isinstance(raw, list):
         raise AssignmentError(f"slices: expected an array, got {_kind(raw)}")
     if not raw:
         raise AssignmentError("slices: empty (omit the field to generate slices from the pods)")
-    specs: list[SliceSpec] = []
+    starts: list[int] = []
+    owners: list[Pod] = []
+    epochs: list[int] = []
+    backups: list[tuple[str, ...]] = []
+    # (owner id, *backup ids) -> backups, for combinations already checked.
+    # Big tables repeat a few combinations; slices share one tuple for each.
+    checked: dict[tuple[Any, ...], tuple[str, ...]] = {}
+    match = _START_RE.fullmatch
+    prev = -1
     for i, s in enumerate(raw):
-        where = f"slices[{i}]"
-        if not isinstance(s, dict):
-            raise AssignmentError(f"{where}: expected an object, got {_kind(s)}")
-        unknown = sorted(set(s) - _SLICE_FIELDS)
-        if unknown:
-            raise AssignmentError(f"{where}.{unknown[0]}: unknown field (known: start, pod, epoch, backups)")
-        if "start" not in s:
-            raise AssignmentError(f"{where}.start: missing")
-        start = _parse_start(s["start"], f"{where}.start")
-        pod = s.get("pod")
-        if not isinstance(pod, str):
-            raise AssignmentError(f"{where}.pod: expected a pod id, got {pod!r}")
-        epoch = None if "epoch" not in s else _positive_int(s["epoch"], f"{where}.epoch")
-        backups = s.get("backups", [])
-        if not isinstance(backups, list) or not all(isinstance(b, str) for b in backups):
-            raise AssignmentError(f"{where}.backups: expected an array of pod ids")
-        specs.append(SliceSpec(start, pod, epoch, tuple(backups)))
-    return specs
+        owner: Pod | None = None
+        bt: tuple[str, ...] | None = None
+        if type(s) is dict:
+            start: Any = s.get("start")
+            pid = s.get("pod")
+            epoch: Any = s.get("epoch", _MISSING)
+            bk = s.get("backups", _MISSING)
+            if type(start) is str and match(start):
+                start = int(start, 16) if start[1:2] in ("x", "X") else int(start)
+            elif type(start) is not int:  # bools too: type(True) is bool
+                start = -1
+            if type(pid) is str:
+                owner = pods.get(pid)
+            fields = 2
+            if epoch is _MISSING:
+                epoch = generation
+            else:
+                fields += 1
+            if bk is _MISSING:
+                bt = ()
+            else:
+                fields += 1
+                if type(bk) is list:
+                    try:
+                        bt = checked.get((pid, *bk))
+                    except TypeError:  # an unhashable value: the reference checks name it
+                        pass
+            if not (
+                owner is not None
+                and bt is not None
+                and prev < start <= MAX_POSITION
+                and (prev >= 0 or start == 0)
+                and type(epoch) is int
+                and 0 < epoch <= generation
+                and len(s) == fields  # no unknown fields
+            ):
+                owner = None
+        if owner is None or bt is None:
+            spec = _slice_spec(s, f"slices[{i}]")
+            owner, epoch = _check_slice(i, spec, prev, pods, generation)
+            start, bt = spec.start, spec.backups
+            checked[(spec.pod, *bt)] = bt
+        starts.append(start)
+        owners.append(owner)
+        epochs.append(epoch)
+        backups.append(bt)
+        prev = start
+    return _routes(generation, starts, owners, epochs, backups)
 
 
 def build(generation: int, pods: Mapping[str, Pod], specs: Sequence[SliceSpec]) -> Assignment:
     """Validate explicit slices against ``pods`` and build the table."""
     if not specs:
         raise AssignmentError("slices: empty")
-    routes: list[Route] = []
+    owners: list[Pod] = []
+    epochs: list[int] = []
     prev = -1
     for i, s in enumerate(specs):
-        where = f"slices[{i}]"
-        if i == 0 and s.start != 0:
-            raise AssignmentError(f"{where}.start: the first slice must start at 0x0, not 0x{s.start:x}")
-        if s.start <= prev:
-            raise AssignmentError(
-                f"{where}.start: 0x{s.start:x} is not above the previous start 0x{prev:x} (slices must be sorted)"
-            )
+        owner, epoch = _check_slice(i, s, prev, pods, generation)
+        owners.append(owner)
+        epochs.append(epoch)
         prev = s.start
-        pod = pods.get(s.pod)
-        if pod is None:
-            raise AssignmentError(f"{where}.pod: unknown pod {s.pod!r}")
-        epoch = generation if s.epoch is None else s.epoch
-        if epoch > generation:
-            raise AssignmentError(f"{where}.epoch: {epoch} is above the table's generation {generation}")
-        seen = {s.pod}
-        for j, b in enumerate(s.backups):
-            if b not in pods:
-                raise AssignmentError(f"{where}.backups[{j}]: unknown pod {b!r}")
-            if b in seen:
-                raise AssignmentError(f"{where}.backups[{j}]: {b!r} is the owner or listed twice")
-            seen.add(b)
-        end = specs[i + 1].start if i + 1 < len(specs) else KEY_SPACE
-        routes.append(Route(i, s.start, end, pod, epoch, s.backups, generation))
+    starts = [s.start for s in specs]
+    routes = _routes(generation, starts, owners, epochs, [s.backups for s in specs])
     return Assignment(generation, pods, routes, generated=False)
 
 
@@ -483,9 +595,9 @@ def evolve(
     if rebalance:
         _rebalance(old.routes, owners, epochs, pods, generation)
     specs = []
-    for r, owner, epoch in zip(old.routes, owners, epochs):
-        order = [p.id for p in rank(values, r.start) if p.id != owner]
-        specs.append(SliceSpec(r.start, owner, epoch, tuple(order[:GENERATED_BACKUPS])))
+    for r, owner_id, epoch in zip(old.routes, owners, epochs, strict=True):
+        order = [p.id for p in rank(values, r.start) if p.id != owner_id]
+        specs.append(SliceSpec(r.start, owner_id, epoch, tuple(order[:GENERATED_BACKUPS])))
     return build(generation, pods, specs)
 
 
@@ -496,7 +608,7 @@ def _rebalance(
     total_w = sum(p.weight for p in active.values())
     target = {pid: KEY_SPACE * p.weight / total_w for pid, p in active.items()}
     load = dict.fromkeys(active, 0)
-    for r, owner in zip(routes, owners):
+    for r, owner in zip(routes, owners, strict=False):
         load[owner] += r.end - r.start
     # Candidate moves: slices of over-loaded pods, least attached first (lowest
     # rendezvous score for their owner), each to the under-loaded pod that
