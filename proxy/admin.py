@@ -110,7 +110,9 @@ async def put_assignment(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[RUNTIME].metrics_text(), content_type="text/plain", charset="utf-8")
+    return web.Response(
+        body=request.app[RUNTIME].metrics_text(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
 
 
 def make_app(rt: Runtime) -> web.Application:

@@ -32,6 +32,7 @@ import orjson
 from . import wire
 from .assignment import Assignment, Route
 from .config import Settings
+from .metrics import METRICS_DIR_ENV, RuntimeCollector, Shared, Stats, exposition
 from .upstream import Pool, UpstreamConnection, Upstreams
 
 log = logging.getLogger("keyroute")
@@ -137,9 +138,10 @@ class Runtime:
         self.upstreams = Upstreams(loop, settings.upstream)
         self.connections: set[ClientProtocol] = set()
         self.closing = False
-        self.requests = 0
-        self.errors: collections.Counter[str] = collections.Counter()
-        self.reloads: collections.Counter[str] = collections.Counter()
+        self.stats = Stats()
+        folder = os.environ.get(METRICS_DIR_ENV)
+        self.shared = Shared(folder) if folder else None
+        self.collector = RuntimeCollector(self.stats, self.gauges, self.shared)
         self.table_loaded_at: float | None = None  # Unix time
         self.last_reload_error: str | None = None
         self.admin_port: int | None = None
@@ -180,7 +182,7 @@ class Runtime:
         return verdict
 
     def note_reload(self, result: str, error: str | None) -> None:
-        self.reloads[result] += 1
+        self.stats.reload(result)
         if error is not None:
             self.last_reload_error = error
             log.warning(
@@ -196,35 +198,28 @@ class Runtime:
                 ).decode(),
             )
 
-    def metrics_text(self) -> str:
-        """Prometheus text exposition of this worker's counters."""
-        lines = [
-            "# HELP keyroute_requests_total Requests forwarded to a pod.",
-            "# TYPE keyroute_requests_total counter",
-            f"keyroute_requests_total {self.requests}",
-            "# HELP keyroute_errors_total Requests answered by the proxy with an error, by code.",
-            "# TYPE keyroute_errors_total counter",
-        ]
-        lines += [f'keyroute_errors_total{{code="{code}"}} {n}' for code, n in sorted(self.errors.items())]
-        lines += [
-            "# HELP keyroute_reloads_total Table reloads by result.",
-            "# TYPE keyroute_reloads_total counter",
-        ]
-        lines += [f'keyroute_reloads_total{{result="{r}"}} {n}' for r, n in sorted(self.reloads.items())]
-        gen = self.table.generation if self.table is not None else 0
-        lines += [
-            "# HELP keyroute_generation Generation of the table in force (0: none).",
-            "# TYPE keyroute_generation gauge",
-            f"keyroute_generation {gen}",
-            "# HELP keyroute_client_connections Open client connections.",
-            "# TYPE keyroute_client_connections gauge",
-            f"keyroute_client_connections {len(self.connections)}",
-            "# HELP keyroute_pool_idle_connections Idle pooled connections per pod address.",
-            "# TYPE keyroute_pool_idle_connections gauge",
-        ]
-        for pool in self.upstreams.pools.values():
-            lines.append(f'keyroute_pool_idle_connections{{pod="{pool.pod_id}"}} {len(pool.idle)}')
-        return "\n".join(lines) + "\n"
+    def gauges(self) -> dict[str, float]:
+        return {
+            "generation": self.table.generation if self.table is not None else 0,
+            "in_flight": sum(1 for c in self.connections if c.exchange is not None),
+            "client_connections": len(self.connections),
+            "pool_idle_connections": sum(len(p.idle) for p in self.upstreams.pools.values()),
+            "workers": 1,
+        }
+
+    def metrics_text(self) -> bytes:
+        """Prometheus text exposition (all workers' counters when there are several)."""
+        return exposition(self.collector)
+
+    async def publish_metrics(self) -> None:
+        """With several workers: share this worker's counters every second."""
+        assert self.shared is not None
+        while True:
+            try:
+                self.shared.publish(self.stats.snapshot(), self.gauges())
+            except OSError as exc:
+                log.warning("cannot publish metrics to %s: %s", self.shared.folder, exc)
+            await asyncio.sleep(1.0)
 
     def pool_for(self, route: Route) -> Pool:
         pod = route.pod
@@ -263,6 +258,8 @@ class Exchange:
         "out_chunked",
         "close_after",
         "retried",
+        "started",
+        "status",
     )
 
     def __init__(self, client: ClientProtocol) -> None:
@@ -290,6 +287,8 @@ class Exchange:
         self.out_chunked = False
         self.close_after = False
         self.retried = False
+        self.started = 0.0
+        self.status = 0
 
     # -- events from the upstream connection --------------------------------
 
@@ -314,6 +313,7 @@ class Exchange:
         self, conn: UpstreamConnection, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
         self.resp_started = True
+        self.status = status
         client = self.client
         parts = [wire.status_line(status, reason)]
         drop: list[bytes] | None = None
@@ -369,6 +369,9 @@ class Exchange:
         if self.out_chunked:
             self.client.write(wire.CHUNK_END)
         self.conn = None
+        client = self.client
+        if self.route is not None:
+            client.runtime.stats.response(self.route.pod.id, self.status, client.loop.time() - self.started)
         if not close_delimited and not conn.closed:
             if self.req_done and not conn.head_only and conn.parser.should_keep_alive():
                 conn.release()
@@ -393,12 +396,13 @@ class Exchange:
             # A pooled connection the pod had already closed: safe to resend
             # a bodiless idempotent request once on a fresh connection.
             self.retried = True
+            client.runtime.stats.retries += 1
             self.pending = [self.head]
             self.pending_size = 0
             self.sent = False
             client.connect(self, client.runtime.pool_for(self.route) if self.route else conn.pool)
             return
-        client.runtime.errors[code] += 1
+        client.runtime.stats.error(code)
         if self.resp_started:
             client.abort()
         else:
@@ -707,6 +711,7 @@ class ClientProtocol(asyncio.Protocol):
         out.append(wire.CRLF)
         ex.head = b"".join(out)
         ex.pending = [ex.head]
+        ex.started = self.loop.time()
         if ex is self.exchange:
             if ex.req_length > 0 or ex.req_chunked:
                 self._arm(_T_BODY, rt.body_timeout)
@@ -798,7 +803,7 @@ class ClientProtocol(asyncio.Protocol):
     def _connect_failed(self, ex: Exchange, status: int, code: str, detail: str) -> None:
         if self.closed or self.exchange is not ex:
             return
-        self.runtime.errors[code] += 1
+        self.runtime.stats.error(code)
         self.send_error(ex, status, code, detail)
 
     def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
@@ -807,7 +812,6 @@ class ClientProtocol(asyncio.Protocol):
         assert pending is not None
         ex.pending = None
         ex.sent = True
-        self.runtime.requests += 1
         conn.send(ex, pending[0] if len(pending) == 1 else b"".join(pending), head_only=ex.method == b"HEAD")
         ex.pending_size = 0
         if self.paused_mask & _PAUSE_BUFFER:
@@ -905,7 +909,9 @@ class ClientProtocol(asyncio.Protocol):
         close = ex.close_after or not ex.keep_alive or not ex.req_done or rt.closing or ex.upgrade
         generation = ex.table.generation if ex.table is not None else (rt.table.generation if rt.table else None)
         self.write(wire.error_response(status, code, detail, generation, close=close))
-        rt.errors[code] += 1
+        rt.stats.error(code)
+        elapsed = self.loop.time() - ex.started if ex.started else 0.0
+        rt.stats.response(ex.route.pod.id if ex.route is not None else "-", status, elapsed)
         ex.close_after = close
         if ex.conn is not None:
             ex.conn.exchange = None
@@ -925,7 +931,7 @@ class ClientProtocol(asyncio.Protocol):
         body = wire.error_response(
             status, code, detail, self.runtime.table.generation if self.runtime.table else None, close=True
         )
-        self.runtime.errors[code] += 1
+        self.runtime.stats.error(code)
         ex = self.exchange
         if ex is None or (ex is self.parsing and not ex.resp_started) or (not ex.head_done):
             if ex is not None and ex.conn is not None:
@@ -1091,11 +1097,14 @@ async def serve(
         host, port = settings.admin_address
         admin_runner = await admin.start(rt, host, port, reuse_port=settings.worker_count > 1)
         rt.admin_port = admin_runner.addresses[0][1]
+    publisher = loop.create_task(rt.publish_metrics()) if rt.shared is not None else None
     if on_ready is not None:
         on_ready(rt, list(server.sockets))
     try:
         await shutdown_trigger
     finally:
+        if publisher is not None:
+            publisher.cancel()
         await shutdown(rt, server)
         if admin_runner is not None:
             await admin_runner.cleanup()

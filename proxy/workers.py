@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 
 from .assignment import Assignment
 from .config import Settings
+from .metrics import METRICS_DIR_ENV
 
 log = logging.getLogger("keyroute.workers")
 
@@ -38,6 +41,9 @@ def supervise(settings: Settings, assignment: Assignment | None, n: int) -> int:
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     settings = dataclasses.replace(settings, proxy=dataclasses.replace(settings.proxy, listen=listen))
 
+    # Workers share their metrics through snapshot files here.
+    metrics_dir = tempfile.mkdtemp(prefix="keyroute-metrics-")
+    os.environ[METRICS_DIR_ENV] = metrics_dir
     children: dict[int, float] = {}
     stopping = 0
 
@@ -86,4 +92,5 @@ def supervise(settings: Settings, assignment: Assignment | None, n: int) -> int:
         if not stopping:
             spawn()
     reserved.close()
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return status

@@ -72,9 +72,23 @@ async def test_put_needs_token_and_refuses_bad_tables(proxy_factory: Factory, po
             assert r.status == 409 and "conflicting" in (await r.json())["detail"]
         async with s.get(px.admin + "/metrics") as r:
             text = await r.text()
-            assert 'keyroute_reloads_total{result="applied"} 1' in text
-            assert 'keyroute_reloads_total{result="stale"} 1' in text
-            assert 'keyroute_reloads_total{result="conflict"} 1' in text
-            assert 'keyroute_reloads_total{result="invalid"} 1' in text
-            assert "keyroute_generation 99" in text
-            assert "keyroute_requests_total 1" in text
+            samples = parse_metrics(text)
+            assert samples['keyroute_reloads_total{result="applied"}'] == 1
+            assert samples['keyroute_reloads_total{result="stale"}'] == 1
+            assert samples['keyroute_reloads_total{result="conflict"}'] == 1
+            assert samples['keyroute_reloads_total{result="invalid"}'] == 1
+            assert samples["keyroute_generation"] == 99
+            owner = px.runtime.table.assignment.lookup(b"k").pod.id
+            assert samples[f'keyroute_responses_total{{code="2xx",pod="{owner}"}}'] == 1
+            assert samples["keyroute_request_duration_seconds_count"] == 1
+            assert 0 <= samples["keyroute_seconds_since_last_reload"] < 60
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {name{labels}: value}."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out

@@ -231,7 +231,8 @@ async def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
     async with bulk_pod() as pod_port:
         table = tmp_path / "t.json"
         write_table(table, [("p", pod_port)])
-        with run_proxy(table, "--workers", "2") as px:
+        admin_port = free_port()
+        with run_proxy(table, "--workers", "2", "--admin", f"127.0.0.1:{admin_port}") as px:
             deadline = time.monotonic() + 10
             while len(_children(px.proc.pid)) < 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
@@ -243,6 +244,15 @@ async def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
                 status, headers, body = await raw.response()
                 assert status == 200 and body == b"ok" and headers["x-keyroute-pod"] == "p"
                 await raw.close()
+            # Any worker's /metrics counts what all workers served.
+            deadline = time.monotonic() + 10
+            while True:
+                samples = await asyncio.to_thread(_metrics, admin_port)
+                served = sum(v for k, v in samples.items() if k.startswith("keyroute_responses_total{"))
+                if (served, samples.get("keyroute_workers")) == (20, 2) or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            assert served == 20 and samples["keyroute_workers"] == 2
             # A worker that dies is replaced.
             os.kill(workers[0], signal.SIGKILL)
             deadline = time.monotonic() + 10
@@ -254,6 +264,21 @@ async def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
             assert len(_children(px.proc.pid)) == 2
             px.proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(px.proc.wait, 15) == 0
+
+
+def _metrics(port: int) -> dict[str, float]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    body = data.split(b"\r\n\r\n", 1)[1].decode()
+    out = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
