@@ -88,6 +88,7 @@ class ProxySettings:
     max_header_bytes: int = 65536  # request line + headers; 431 above
     max_body_bytes: int = 0  # 0: no limit; 413 above
     shutdown_timeout: float = _dur("30s")
+    access_log: bool = False  # one JSON log line per request
     via: str = "keyroute"  # our token in Via; loop detection looks for it
 
 

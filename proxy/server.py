@@ -36,6 +36,7 @@ from .metrics import METRICS_DIR_ENV, RuntimeCollector, Shared, Stats, expositio
 from .upstream import Pool, UpstreamConnection, Upstreams
 
 log = logging.getLogger("keyroute")
+access_log = logging.getLogger("keyroute.access")
 
 # Reasons client reading is paused (a bit each).
 _PAUSE_PIPELINE = 1
@@ -139,6 +140,7 @@ class Runtime:
         self.connections: set[ClientProtocol] = set()
         self.closing = False
         self.stats = Stats()
+        self.access_log = p.access_log
         folder = os.environ.get(METRICS_DIR_ENV)
         self.shared = Shared(folder) if folder else None
         self.collector = RuntimeCollector(self.stats, self.gauges, self.shared)
@@ -371,7 +373,10 @@ class Exchange:
         self.conn = None
         client = self.client
         if self.route is not None:
-            client.runtime.stats.response(self.route.pod.id, self.status, client.loop.time() - self.started)
+            elapsed = client.loop.time() - self.started
+            client.runtime.stats.response(self.route.pod.id, self.status, elapsed)
+            if client.runtime.access_log:
+                client.access(self, self.status, elapsed, None)
         if not close_delimited and not conn.closed:
             if self.req_done and not conn.head_only and conn.parser.should_keep_alive():
                 conn.release()
@@ -912,12 +917,33 @@ class ClientProtocol(asyncio.Protocol):
         rt.stats.error(code)
         elapsed = self.loop.time() - ex.started if ex.started else 0.0
         rt.stats.response(ex.route.pod.id if ex.route is not None else "-", status, elapsed)
+        if rt.access_log:
+            self.access(ex, status, elapsed, code)
         ex.close_after = close
         if ex.conn is not None:
             ex.conn.exchange = None
             ex.conn.discard()
             ex.conn = None
         self.exchange_done(ex)
+
+    def access(self, ex: Exchange, status: int, elapsed: float, error: str | None) -> None:
+        route = ex.route
+        access_log.info(
+            "%s",
+            orjson.dumps(
+                {
+                    "client": self.peer.decode(),
+                    "method": ex.method.decode("latin-1"),
+                    "path": ex.url.decode("latin-1"),
+                    "status": status,
+                    "pod": route.pod.id if route is not None else None,
+                    "generation": route.generation if route is not None else None,
+                    "epoch": route.epoch if route is not None else None,
+                    "ms": round(elapsed * 1000, 3),
+                    "error": error,
+                }
+            ).decode(),
+        )
 
     def _reject(self, status: int, code: str, detail: str) -> None:
         """From a parser callback: stop parsing, answer, close."""

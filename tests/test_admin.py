@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import orjson
+import pytest
 
 from proxy import assignment as core
 
@@ -92,3 +95,22 @@ def parse_metrics(text: str) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
+
+
+async def test_access_log_lines(proxy_factory: Factory, pods: list[Pod], caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="keyroute.access")
+    px = await proxy_factory(table_for(pods), proxy__access_log=True)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(px.base + "/a?x=1", headers={"X-Routing-Key": "k"}) as r:
+            assert r.status == 200
+        async with s.get(px.base + "/b") as r:
+            assert r.status == 400
+    lines = [orjson.loads(rec.getMessage()) for rec in caplog.records if rec.name == "keyroute.access"]
+    assert [(x["path"], x["status"], x["error"]) for x in lines] == [("/a?x=1", 200, None), ("/b", 400, "missing_key")]
+    route = table_for(pods).lookup(b"k")
+    assert lines[0]["pod"] == route.pod.id and lines[0]["epoch"] == route.epoch and lines[0]["ms"] >= 0
+    quiet = await proxy_factory(table_for(pods))
+    caplog.clear()
+    async with aiohttp.ClientSession() as s, s.get(quiet.base + "/a", headers={"X-Routing-Key": "k"}) as r:
+        assert r.status == 200
+    assert not [rec for rec in caplog.records if rec.name == "keyroute.access"]
