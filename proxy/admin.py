@@ -69,6 +69,7 @@ async def lookup(request: web.Request) -> web.Response:
     raw = key.encode("utf-8", "surrogateescape")
     pos = core.position(raw)
     r = rt.table.assignment.lookup_position(pos)
+    now = rt.loop.time()
     return _json(
         {
             "key": key,
@@ -81,6 +82,11 @@ async def lookup(request: web.Request) -> web.Response:
             "epoch": r.epoch,
             "backups": list(r.backups),
             "generation": r.generation,
+            "candidates": [
+                {"pod": p.id, "role": "owner" if p is r.pod else "backup", "state": rt.health.state(p.id, now)}
+                for p in rt.table.candidates(r)
+            ],
+            "panic": rt.health.panic(rt.table.assignment.pods, now),
         }
     )
 

@@ -114,6 +114,18 @@ class UpstreamSettings:
     retries: int = 2
     failover: str = "backups"  # backups | any | none
     max_idle_per_pod: int = 256
+    eject_after: int = 3  # consecutive failures that eject a pod
+    eject_base: float = _dur("1s")  # first ejection; doubles on repeat
+    eject_max: float = _dur("30s")
+    max_ejected_percent: int = 50  # beyond this, route as if all were healthy (panic)
+    fail_statuses: str = "502,503,504"  # pod statuses that count as failures (and may be retried)
+    health_path: str = ""  # active checks: GET this path on every pod; empty: off
+    health_interval: float = _dur("5s")
+    healthy_after: int = 2  # good probes that bring an ejected pod back
+
+    @property
+    def fail_status_set(self) -> frozenset[int]:
+        return frozenset(int(x) for x in self.fail_statuses.replace(" ", "").split(",") if x)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +220,19 @@ def _check(s: Settings) -> None:
     src = s.assignment.source
     if not (src.startswith("file:") and len(src) > 5) and not src.startswith(("http://", "https://")):
         raise ConfigError(f'assignment.source: expected "file:PATH" or an http(s):// URL, got {src!r}')
+    u = s.upstream
+    if not re.fullmatch(r"(\s*[1-5]\d\d\s*(,\s*[1-5]\d\d\s*)*)?", u.fail_statuses):
+        raise ConfigError(
+            f'upstream.fail_statuses: expected a comma list of statuses like "502,503", got {u.fail_statuses!r}'
+        )
+    if u.max_ejected_percent > 100:
+        raise ConfigError(f"upstream.max_ejected_percent: expected 0 to 100, got {u.max_ejected_percent}")
+    if u.eject_after < 1:
+        raise ConfigError("upstream.eject_after: must be at least 1")
+    if u.health_path and not u.health_path.startswith("/"):
+        raise ConfigError(f"upstream.health_path: expected a path starting with /, got {u.health_path!r}")
+    if u.health_path and u.health_interval <= 0:
+        raise ConfigError("upstream.health_interval: must be above zero when health_path is set")
     if s.upstream.failover not in ("backups", "any", "none"):
         raise ConfigError(f"upstream.failover: expected backups, any or none, got {s.upstream.failover!r}")
     for key, v in (

@@ -29,7 +29,7 @@ METRICS_DIR_ENV = "KEYROUTE_METRICS_DIR"
 class Stats:
     """Counters of one worker process."""
 
-    __slots__ = ("by_pod", "latency", "latency_sum", "errors", "reloads", "last_reload_ok", "retries")
+    __slots__ = ("by_pod", "latency", "latency_sum", "errors", "reloads", "last_reload_ok", "retries", "failovers")
 
     def __init__(self) -> None:
         self.by_pod: dict[str, list[int]] = {}  # pod -> counts by status class (index status // 100 - 1)
@@ -39,6 +39,10 @@ class Stats:
         self.reloads: dict[str, int] = {}
         self.last_reload_ok: float | None = None  # Unix time
         self.retries = 0
+        self.failovers: dict[str, int] = {}
+
+    def failover(self, reason: str) -> None:
+        self.failovers[reason] = self.failovers.get(reason, 0) + 1
 
     def response(self, pod_id: str, status: int, seconds: float) -> None:
         """One response delivered to a client (from a pod, or made by the proxy)."""
@@ -68,6 +72,7 @@ class Stats:
             "reloads": self.reloads,
             "last_reload_ok": self.last_reload_ok,
             "retries": self.retries,
+            "failovers": self.failovers,
         }
 
 
@@ -81,6 +86,7 @@ def merge(snaps: list[dict[str, Any]]) -> dict[str, Any]:
         "reloads": {},
         "last_reload_ok": None,
         "retries": 0,
+        "failovers": {},
     }
     for snap in snaps:
         for pod, counts in snap["by_pod"].items():
@@ -89,7 +95,7 @@ def merge(snaps: list[dict[str, Any]]) -> dict[str, Any]:
                 acc[i] += n
         out["latency"] = [a + b for a, b in zip(out["latency"], snap["latency"], strict=True)]
         out["latency_sum"] += snap["latency_sum"]
-        for key in ("errors", "reloads"):
+        for key in ("errors", "reloads", "failovers"):
             for k, n in snap[key].items():
                 out[key][k] = out[key].get(k, 0) + n
         ok = snap["last_reload_ok"]
@@ -177,7 +183,22 @@ class RuntimeCollector(Collector):
             rel.add_metric([result], n)
         yield rel
 
-        yield CounterMetricFamily("keyroute_retries", "Requests resent on a fresh pod connection.", value=c["retries"])
+        yield CounterMetricFamily(
+            "keyroute_retries", "Requests sent again (next candidate or fresh connection).", value=c["retries"]
+        )
+
+        fo = CounterMetricFamily(
+            "keyroute_failovers", "Requests served by a pod other than the key's owner, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(c["failovers"].items()):
+            fo.add_metric([reason], n)
+        yield fo
+
+        yield CounterMetricFamily(
+            "keyroute_ejections",
+            "Pods ejected after consecutive failures.",
+            value=sum(g.get("ejections", 0) for g in gauge_sets),
+        )
 
         age = GaugeMetricFamily(
             "keyroute_seconds_since_last_reload", "Seconds since a table was last applied (-1: never)."
@@ -196,6 +217,8 @@ class RuntimeCollector(Collector):
             ("client_connections", "Open client connections."),
             ("pool_idle_connections", "Idle pooled connections to pods."),
             ("workers", "Worker processes reporting."),
+            ("pods_ejected", "Pods ejected now (summed over workers)."),
+            ("panic", "Workers in panic mode (too many pods ejected: routing as if all were healthy)."),
         ):
             g = GaugeMetricFamily(f"keyroute_{name}", help_text)
             g.add_metric([], sum(gs.get(name, 1 if name == "workers" else 0) for gs in gauge_sets))

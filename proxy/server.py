@@ -30,8 +30,9 @@ import httptools
 import orjson
 
 from . import wire
-from .assignment import Assignment, Route
+from .assignment import Assignment, Pod, Route, rank
 from .config import Settings
+from .health import Health, probe_loop
 from .metrics import METRICS_DIR_ENV, RuntimeCollector, Shared, Stats, exposition
 from .upstream import Pool, UpstreamConnection, Upstreams
 
@@ -69,39 +70,68 @@ _NO_BODY_STATUS = frozenset({204, 304})
 
 
 class RoutingTable:
-    """An ``Assignment`` plus the header bytes the wire needs per slice, built
-    lazily. Swapped as one reference; exchanges keep the one they started with."""
+    """An ``Assignment`` plus what the wire and failover need per slice, built
+    lazily: header bytes and candidate pods. Swapped as one reference;
+    exchanges keep the one they started with."""
 
-    __slots__ = ("assignment", "generation", "_req_tags", "_resp_tags", "_fixed")
+    __slots__ = ("assignment", "generation", "failover", "_req_tags", "_resp_tags", "_candidates", "_fixed")
 
-    def __init__(self, assignment: Assignment) -> None:
+    def __init__(self, assignment: Assignment, failover: str = "backups") -> None:
         self.assignment = assignment
         self.generation = assignment.generation
+        self.failover = failover
         n = assignment.slice_count
         self._req_tags: list[bytes | None] = [None] * n
-        self._resp_tags: list[bytes | None] = [None] * n
+        self._candidates: list[tuple[Pod, ...] | None] = [None] * n
+        self._resp_tags: dict[str, bytes] = {}
         self._fixed: dict[str, Route] = {}
 
-    def request_tag(self, route: Route) -> bytes:
+    def request_tag(self, route: Route, pod: Pod) -> bytes:
+        """X-Keyroute-* request headers for ``pod`` serving ``route``."""
         i = route.index
-        tag = self._req_tags[i] if i >= 0 else None
+        if pod is route.pod and i >= 0:
+            tag = self._req_tags[i]
+            if tag is None:
+                tag = self._req_tags[i] = self._tag(route, pod, b"owner")
+            return tag
+        return self._tag(route, pod, b"owner" if pod is route.pod else b"backup")
+
+    @staticmethod
+    def _tag(route: Route, pod: Pod, role: bytes) -> bytes:
+        return b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\nX-Keyroute-Epoch: %d\r\nX-Keyroute-Role: %s\r\n" % (
+            pod.id.encode(),
+            route.generation,
+            route.epoch,
+            role,
+        )
+
+    def response_tag(self, pod: Pod) -> bytes:
+        tag = self._resp_tags.get(pod.id)
         if tag is None:
-            tag = (
-                b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\nX-Keyroute-Epoch: %d\r\nX-Keyroute-Role: owner\r\n"
-                % (route.pod.id.encode(), route.generation, route.epoch)
+            tag = self._resp_tags[pod.id] = b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\n" % (
+                pod.id.encode(),
+                self.generation,
             )
-            if i >= 0:
-                self._req_tags[i] = tag
         return tag
 
-    def response_tag(self, route: Route) -> bytes:
+    def candidates(self, route: Route) -> tuple[Pod, ...]:
+        """Pods for a slice in failover order: the owner, its backups, then
+        (``failover = "any"``) the other active pods in rendezvous order. The
+        same on every proxy replica."""
         i = route.index
-        tag = self._resp_tags[i] if i >= 0 else None
-        if tag is None:
-            tag = b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\n" % (route.pod.id.encode(), route.generation)
+        cands = self._candidates[i] if i >= 0 else None
+        if cands is None:
+            pods = self.assignment.pods
+            order = [route.pod]
+            if self.failover != "none" and i >= 0:
+                order += [pods[b] for b in route.backups]
+                if self.failover == "any":
+                    seen = {p.id for p in order}
+                    order += [p for p in rank(pods.values(), route.start) if p.id not in seen and p.active]
+            cands = tuple(order)
             if i >= 0:
-                self._resp_tags[i] = tag
-        return tag
+                self._candidates[i] = cands
+        return cands
 
     def fixed_route(self, pod_id: str) -> Route | None:
         """A route to a named pod (``missing_key = "pod:<id>"``)."""
@@ -140,6 +170,17 @@ class Runtime:
         self.connections: set[ClientProtocol] = set()
         self.closing = False
         self.stats = Stats()
+        u = settings.upstream
+        self.health = Health(
+            eject_after=u.eject_after,
+            eject_base=u.eject_base,
+            eject_max=u.eject_max,
+            max_ejected_percent=u.max_ejected_percent,
+            clock=loop.time,
+        )
+        self.fail_statuses = u.fail_status_set
+        self.retries = u.retries
+        self.response_timeout = u.response_timeout
         self.access_log = p.access_log
         folder = os.environ.get(METRICS_DIR_ENV)
         self.shared = Shared(folder) if folder else None
@@ -150,7 +191,7 @@ class Runtime:
 
     def set_assignment(self, assignment: Assignment) -> None:
         """Publish a new table: one reference assignment."""
-        self.table = RoutingTable(assignment)
+        self.table = RoutingTable(assignment, self.settings.upstream.failover)
         self.table_loaded_at = time.time()
 
     def offer(self, assignment: Assignment) -> str:
@@ -207,6 +248,9 @@ class Runtime:
             "client_connections": len(self.connections),
             "pool_idle_connections": sum(len(p.idle) for p in self.upstreams.pools.values()),
             "workers": 1,
+            "pods_ejected": sum(1 for p in self.health.pods if self.health.ejected(p, self.loop.time())),
+            "panic": 1 if self.health.in_panic else 0,
+            "ejections": self.health.ejections_total,
         }
 
     def metrics_text(self) -> bytes:
@@ -223,8 +267,7 @@ class Runtime:
                 log.warning("cannot publish metrics to %s: %s", self.shared.folder, exc)
             await asyncio.sleep(1.0)
 
-    def pool_for(self, route: Route) -> Pool:
-        pod = route.pod
+    def pool_for(self, pod: Pod) -> Pool:
         return self.upstreams.pool(pod.id, pod.host, pod.port)
 
 
@@ -262,6 +305,9 @@ class Exchange:
         "retried",
         "started",
         "status",
+        "pod",
+        "tried",
+        "last_error",
     )
 
     def __init__(self, client: ClientProtocol) -> None:
@@ -291,6 +337,9 @@ class Exchange:
         self.retried = False
         self.started = 0.0
         self.status = 0
+        self.pod: Pod | None = None  # the pod serving this attempt
+        self.tried: list[str] | None = None  # pods that failed this request
+        self.last_error: tuple[int, str, str] | None = None
 
     # -- events from the upstream connection --------------------------------
 
@@ -314,9 +363,21 @@ class Exchange:
     def upstream_head(
         self, conn: UpstreamConnection, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
+        client = self.client
+        rt = client.runtime
+        pod = self.pod
+        assert pod is not None
+        if status in rt.fail_statuses:
+            rt.health.failure(pod.id, f"HTTP {status}")
+            if self.retry_safe(after_send=True) and client.retry(self, f"status_{status}", None):
+                # Not relayed: the request goes to the next candidate instead.
+                conn.exchange = None
+                conn.discard()
+                return
+        elif pod.id in rt.health.pods:
+            rt.health.success(pod.id)
         self.resp_started = True
         self.status = status
-        client = self.client
         parts = [wire.status_line(status, reason)]
         drop: list[bytes] | None = None
         upgrade_value = None
@@ -356,8 +417,8 @@ class Exchange:
                 parts.append(b"Connection: close\r\n")
             elif not self.http11:
                 parts.append(b"Connection: keep-alive\r\n")
-        if client.runtime.response_headers and self.route is not None and self.table is not None:
-            parts.append(self.table.response_tag(self.route))
+        if client.runtime.response_headers and self.pod is not None and self.table is not None:
+            parts.append(self.table.response_tag(self.pod))
         parts.append(wire.CRLF)
         client.write(b"".join(parts))
 
@@ -372,9 +433,9 @@ class Exchange:
             self.client.write(wire.CHUNK_END)
         self.conn = None
         client = self.client
-        if self.route is not None:
+        if self.pod is not None:
             elapsed = client.loop.time() - self.started
-            client.runtime.stats.response(self.route.pod.id, self.status, elapsed)
+            client.runtime.stats.response(self.pod.id, self.status, elapsed)
             if client.runtime.access_log:
                 client.access(self, self.status, elapsed, None)
         if not close_delimited and not conn.closed:
@@ -384,30 +445,37 @@ class Exchange:
                 conn.discard()
         self.client.exchange_done(self)
 
+    def retry_safe(self, *, after_send: bool) -> bool:
+        """May this request be sent again? Always before a byte went out; after
+        that only if it is idempotent, has no body, and no response byte was
+        relayed."""
+        if self.resp_started or self.upgrade:
+            return False
+        if not after_send:
+            return True
+        return self.req_length <= 0 and not self.req_chunked and self.method in wire.IDEMPOTENT
+
     def upstream_failed(self, conn: UpstreamConnection, status: int, code: str, detail: str) -> None:
         self.conn = None
         client = self.client
         if client.exchange is not self:
             return
-        if (
-            conn.reused
-            and not conn.got_bytes
-            and not self.retried
-            and not self.resp_started
-            and self.req_length <= 0
-            and not self.req_chunked
-            and self.method in wire.IDEMPOTENT
-        ):
-            # A pooled connection the pod had already closed: safe to resend
-            # a bodiless idempotent request once on a fresh connection.
+        rt = client.runtime
+        if conn.reused and not conn.got_bytes and not self.retried and self.retry_safe(after_send=True):
+            # A pooled connection the pod had already closed: resend once on a
+            # fresh connection to the same pod; not the pod's fault.
             self.retried = True
-            client.runtime.stats.retries += 1
-            self.pending = [self.head]
-            self.pending_size = 0
+            rt.stats.retries += 1
             self.sent = False
-            client.connect(self, client.runtime.pool_for(self.route) if self.route else conn.pool)
+            self.pending = []
+            assert self.pod is not None
+            client.connect(self, rt.pool_for(self.pod))
             return
-        client.runtime.stats.error(code)
+        if self.pod is not None:
+            rt.health.failure(self.pod.id, code)
+        if self.retry_safe(after_send=True) and client.retry(self, code, (status, code, detail)):
+            return
+        rt.stats.error(code)
         if self.resp_started:
             client.abort()
         else:
@@ -712,10 +780,8 @@ class ClientProtocol(asyncio.Protocol):
         out.append(b"X-Forwarded-Proto: http\r\n")
         if host:
             out.append(b"X-Forwarded-Host: " + host + b"\r\n")
-        out.append(table.request_tag(route))
-        out.append(wire.CRLF)
-        ex.head = b"".join(out)
-        ex.pending = [ex.head]
+        ex.head = b"".join(out)  # the X-Keyroute-* tag and the blank line follow at dispatch
+        ex.pending = []
         ex.started = self.loop.time()
         if ex is self.exchange:
             if ex.req_length > 0 or ex.req_chunked:
@@ -770,13 +836,86 @@ class ClientProtocol(asyncio.Protocol):
     # -- routing and dispatch -------------------------------------------------
 
     def _dispatch(self, ex: Exchange) -> None:
-        assert ex.route is not None
-        pool = self.runtime.pool_for(ex.route)
+        pod = self._choose(ex)
+        if pod is None:
+            self._no_pod(ex)
+            return
+        ex.pod = pod
+        pool = self.runtime.pool_for(pod)
         conn = pool.take()
         if conn is not None:
             self._attach(ex, conn)
         else:
             self.connect(ex, pool)
+
+    def _choose(self, ex: Exchange) -> Pod | None:
+        """The first candidate that is not ejected and was not tried yet (in
+        panic, ejection is ignored)."""
+        route = ex.route
+        table = ex.table
+        assert route is not None and table is not None
+        cands = table.candidates(route)
+        health = self.runtime.health
+        tried = ex.tried
+        if not health.pods and tried is None:
+            return cands[0]
+        now = self.loop.time()
+        panic = health.panic(table.assignment.pods, now)
+        for pod in cands:
+            if tried is not None and pod.id in tried:
+                continue
+            if panic or not health.ejected(pod.id, now):
+                return pod
+        return None
+
+    def retry(self, ex: Exchange, reason: str, error: tuple[int, str, str] | None) -> bool:
+        """Send ``ex`` to its next candidate, if retries and the deadline
+        allow and one is left. False: the caller answers."""
+        rt = self.runtime
+        if error is not None:
+            ex.last_error = error
+        pod = ex.pod
+        assert pod is not None
+        if ex.tried is None:
+            ex.tried = [pod.id]
+        elif pod.id not in ex.tried:
+            ex.tried.append(pod.id)
+        if len(ex.tried) > rt.retries or self.loop.time() - ex.started > rt.response_timeout:
+            return False
+        if self._choose(ex) is None:
+            return False
+        rt.stats.retries += 1
+        rt.stats.failover(reason)
+        ex.conn = None
+        ex.sent = False
+        if ex.pending is None:
+            ex.pending = []
+        self._dispatch(ex)
+        return True
+
+    def _no_pod(self, ex: Exchange) -> None:
+        """No candidate left: 503 with Retry-After, naming the candidates."""
+        rt = self.runtime
+        if ex.last_error is not None and ex.tried and len(ex.tried) > rt.retries:
+            self.send_error(ex, *ex.last_error)
+            return
+        route, table = ex.route, ex.table
+        assert route is not None and table is not None
+        now = self.loop.time()
+        cands = table.candidates(route)
+        states = [
+            {"pod": p.id, "state": "failed" if ex.tried and p.id in ex.tried else rt.health.state(p.id, now)}
+            for p in cands
+        ]
+        wait = rt.health.retry_after([p.id for p in cands], now)
+        self.send_error(
+            ex,
+            503,
+            "no_healthy_pod",
+            "no healthy pod for this key: " + ", ".join(f"{c['pod']} ({c['state']})" for c in states),
+            extra=b"Retry-After: %d\r\n" % max(1, round(wait)),
+            fields={"candidates": states},
+        )
 
     def connect(self, ex: Exchange, pool: Pool) -> None:
         self.loop.create_task(self._connect(ex, pool))
@@ -808,17 +947,27 @@ class ClientProtocol(asyncio.Protocol):
     def _connect_failed(self, ex: Exchange, status: int, code: str, detail: str) -> None:
         if self.closed or self.exchange is not ex:
             return
-        self.runtime.stats.error(code)
+        rt = self.runtime
+        if ex.pod is not None:
+            rt.health.failure(ex.pod.id, code)
+        # Nothing was sent: any request may go to the next candidate.
+        if ex.retry_safe(after_send=False) and self.retry(ex, code, (status, code, detail)):
+            return
+        rt.stats.error(code)
         self.send_error(ex, status, code, detail)
 
     def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
         ex.conn = conn
         pending = ex.pending
-        assert pending is not None
+        assert pending is not None and ex.route is not None and ex.table is not None and ex.pod is not None
         ex.pending = None
         ex.sent = True
-        conn.send(ex, pending[0] if len(pending) == 1 else b"".join(pending), head_only=ex.method == b"HEAD")
+        head = ex.head + ex.table.request_tag(ex.route, ex.pod) + wire.CRLF
+        conn.send(ex, head + b"".join(pending) if pending else head, head_only=ex.method == b"HEAD")
         ex.pending_size = 0
+        if ex.pod is not ex.route.pod and ex.tried is None:
+            # The owner was skipped without being tried: it is ejected.
+            self.runtime.stats.failover("owner_ejected")
         if self.paused_mask & _PAUSE_BUFFER:
             self.resume_reading_for(_PAUSE_BUFFER)
         if self.write_paused:
@@ -908,15 +1057,24 @@ class ClientProtocol(asyncio.Protocol):
             if ex is self.exchange:
                 self.send_error(ex, status, code, detail)
 
-    def send_error(self, ex: Exchange, status: int, code: str, detail: str) -> None:
+    def send_error(
+        self,
+        ex: Exchange,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        extra: bytes = b"",
+        fields: dict[str, Any] | None = None,
+    ) -> None:
         rt = self.runtime
         ex.resp_started = True
         close = ex.close_after or not ex.keep_alive or not ex.req_done or rt.closing or ex.upgrade
         generation = ex.table.generation if ex.table is not None else (rt.table.generation if rt.table else None)
-        self.write(wire.error_response(status, code, detail, generation, close=close))
+        self.write(wire.error_response(status, code, detail, generation, close=close, extra=extra, fields=fields))
         rt.stats.error(code)
         elapsed = self.loop.time() - ex.started if ex.started else 0.0
-        rt.stats.response(ex.route.pod.id if ex.route is not None else "-", status, elapsed)
+        rt.stats.response(ex.pod.id if ex.pod is not None else "-", status, elapsed)
         if rt.access_log:
             self.access(ex, status, elapsed, code)
         ex.close_after = close
@@ -1124,13 +1282,32 @@ async def serve(
         admin_runner = await admin.start(rt, host, port, reuse_port=settings.worker_count > 1)
         rt.admin_port = admin_runner.addresses[0][1]
     publisher = loop.create_task(rt.publish_metrics()) if rt.shared is not None else None
+    prober = None
+    u = settings.upstream
+    if u.health_path:
+
+        def targets() -> list[tuple[str, str, int]]:
+            t = rt.table
+            return [(p.id, p.host, p.port) for p in t.assignment.pods.values()] if t is not None else []
+
+        prober = loop.create_task(
+            probe_loop(
+                targets,
+                rt.health,
+                path=u.health_path,
+                interval=u.health_interval,
+                timeout=u.connect_timeout,
+                healthy_after=u.healthy_after,
+            )
+        )
     if on_ready is not None:
         on_ready(rt, list(server.sockets))
     try:
         await shutdown_trigger
     finally:
-        if publisher is not None:
-            publisher.cancel()
+        for task in (publisher, prober):
+            if task is not None:
+                task.cancel()
         await shutdown(rt, server)
         if admin_runner is not None:
             await admin_runner.cleanup()

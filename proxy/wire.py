@@ -6,6 +6,7 @@ Everything here is computed once at import; the hot path only looks things up.
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Any
 
 import orjson
 
@@ -67,9 +68,13 @@ def error_response(
     *,
     close: bool,
     extra: bytes = b"",
+    fields: dict[str, Any] | None = None,
 ) -> bytes:
     """A whole JSON error response made by the proxy itself."""
-    body = orjson.dumps({"error": error, "detail": detail, "generation": generation}) + b"\n"
+    doc: dict[str, Any] = {"error": error, "detail": detail, "generation": generation}
+    if fields:
+        doc.update(fields)
+    body = orjson.dumps(doc) + b"\n"
     head = [
         status_line(status),
         b"Content-Type: application/json\r\n",
