@@ -59,6 +59,10 @@ class Health:
         if pod_id in self.pods:
             del self.pods[pod_id]
             log.info("pod %s healthy again", pod_id)
+            if not self.pods and self.in_panic:
+                # The data plane stops asking panic() once no pod has a record.
+                self.in_panic = False
+                log.info("panic over: no pod ejected")
 
     def failure(self, pod_id: str, reason: str) -> None:
         now = self.clock()
@@ -78,9 +82,10 @@ class Health:
         """True if more than ``max_ejected_percent`` of these pods are ejected."""
         ids = list(pod_ids)
         if not ids or not self.pods:
-            return False
-        out = sum(1 for p in ids if self.ejected(p, now))
-        panic = out * 100 > self.max_ejected_percent * len(ids)
+            out, panic = 0, False  # still record the change: in_panic is what keyroute_panic reports
+        else:
+            out = sum(1 for p in ids if self.ejected(p, now))
+            panic = out * 100 > self.max_ejected_percent * len(ids)
         if panic != self.in_panic:
             self.in_panic = panic
             if panic:
@@ -109,6 +114,7 @@ class Health:
         comes back after ``healthy_after`` consecutive good probes."""
         if not ok:
             self.failure(pod_id, reason)
+            self.pods[pod_id].probe_ok = 0  # good probes must be consecutive
             return
         h = self.pods.get(pod_id)
         if h is None:
