@@ -180,7 +180,9 @@ class Runtime:
         )
         self.fail_statuses = u.fail_status_set
         self.retries = u.retries
-        self.response_timeout = u.response_timeout
+        # A request and its retries share one deadline: every attempt may use
+        # its full response_timeout, and none starts after this much time.
+        self.request_budget = u.response_timeout * (u.retries + 1)
         self.access_log = p.access_log
         folder = os.environ.get(METRICS_DIR_ENV)
         self.shared = Shared(folder) if folder else None
@@ -880,7 +882,7 @@ class ClientProtocol(asyncio.Protocol):
             ex.tried = [pod.id]
         elif pod.id not in ex.tried:
             ex.tried.append(pod.id)
-        if len(ex.tried) > rt.retries or self.loop.time() - ex.started > rt.response_timeout:
+        if len(ex.tried) > rt.retries or self.loop.time() - ex.started > rt.request_budget:
             return False
         if self._choose(ex) is None:
             return False
