@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -33,6 +34,13 @@ class TableServer:
         self.table = table
         self.body = table.dumps(explicit=not table.generated)
         self.changed = asyncio.Event()
+        self.closing = False
+
+    def close(self) -> None:
+        """Answer parked long polls now (304), so that shutdown need not wait
+        for their ``wait`` to run out."""
+        self.closing = True
+        self.changed.set()
 
     def publish(self, table: Assignment) -> None:
         self.table = table
@@ -65,9 +73,11 @@ class TableServer:
             return self._answer(request)
         try:
             async with asyncio.timeout(max(wait, 0.0)):
-                while self.table.generation <= after:
+                while self.table.generation <= after and not self.closing:
                     await self.changed.wait()
         except TimeoutError:
+            pass
+        if self.table.generation <= after:
             return web.Response(status=304, headers={"ETag": self._etag(), LONG_POLL_HEADER: "1"})
         return self._answer(request)
 
@@ -84,7 +94,16 @@ class TableServer:
                 log.warning("table refused, generation %d stays: %s", self.table.generation, verdict)
 
 
-async def serve_table(path: str, host: str, port: int, stop: asyncio.Future[None], poll_interval: float = 1.0) -> None:
+async def serve_table(
+    path: str,
+    host: str,
+    port: int,
+    stop: asyncio.Future[None],
+    poll_interval: float = 1.0,
+    ready: Callable[[int], None] | None = None,
+) -> None:
+    """Serve until ``stop`` is done. ``ready`` is called with the bound port
+    (useful with port 0) once the listener accepts connections."""
     server = TableServer(path, read_file(path))
     app = web.Application()
     app.router.add_get("/", server.handle)
@@ -95,8 +114,11 @@ async def serve_table(path: str, host: str, port: int, stop: asyncio.Future[None
     await site.start()
     log.info("serving %s on %s:%d (generation %d)", path, host, runner.addresses[0][1], server.table.generation)
     watcher = asyncio.get_running_loop().create_task(server.watch(FileSource(path, poll_interval=poll_interval)))
+    if ready is not None:
+        ready(runner.addresses[0][1])
     try:
         await stop
     finally:
         watcher.cancel()
+        server.close()
         await runner.cleanup()

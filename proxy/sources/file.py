@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from ..assignment import Assignment, AssignmentError
 from . import Failure, SourceError, parse_off_loop
@@ -29,15 +29,15 @@ def identity(path: str) -> Identity | None:
 
 
 class FileSource:
-    """Yields a validated ``Assignment`` each time the file changes, or an
-    ``Failure`` when the new content cannot be used."""
+    """Yields the file's table, then a validated ``Assignment`` each time the
+    file changes, or a ``Failure`` when the content cannot be used."""
 
     def __init__(self, path: str, *, watch: str = "auto", poll_interval: float = 1.0, debounce: float = 0.02) -> None:
         self.path = path
         self.watch = watch
         self.poll_interval = poll_interval
         self.debounce = debounce
-        self.seen: Identity | None = identity(path)
+        self.seen: Identity | None = None
 
     @property
     def name(self) -> str:
@@ -55,20 +55,44 @@ class FileSource:
             return Failure("invalid", f"{self.path}: {exc}")
 
     async def updates(self) -> AsyncIterator[Assignment | Failure]:
-        async for _ in self._ticks():
-            ident = identity(self.path)
-            if ident is None or ident == self.seen:
-                continue
-            if self.debounce:
-                # Let a burst of writes settle; read what it left.
-                await asyncio.sleep(self.debounce)
-                ident = identity(self.path)
-                if ident is None:
-                    continue
-            self.seen = ident
+        ticks = self._ticks()
+        # The watch is set up (first step of the first tick) before the first
+        # read, so that no change can fall between the two unseen.
+        tick = asyncio.ensure_future(anext(ticks))
+        try:
+            await asyncio.sleep(0)
+            # The file as it is now comes first: it may have changed since the
+            # table in force was read (at startup, before workers started); a
+            # consumer drops a table equal to the one in force.
+            self.seen = identity(self.path)
             yield await self._read()
+            await tick
+            while True:
+                item = await self._check()
+                if item is not None:
+                    yield item
+                await anext(ticks)
+        finally:
+            if tick.done():
+                await ticks.aclose()
+            else:
+                tick.cancel()
 
-    async def _ticks(self) -> AsyncIterator[None]:
+    async def _check(self) -> Assignment | Failure | None:
+        """The new table if the file changed since it was last read."""
+        ident = identity(self.path)
+        if ident is None or ident == self.seen:
+            return None
+        if self.debounce:
+            # Let a burst of writes settle; read what it left.
+            await asyncio.sleep(self.debounce)
+            ident = identity(self.path)
+            if ident is None:
+                return None
+        self.seen = ident
+        return await self._read()
+
+    async def _ticks(self) -> AsyncGenerator[None, None]:
         if self.watch == "poll":
             while True:
                 await asyncio.sleep(self.poll_interval)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from email.utils import parsedate_to_datetime
 
 import aiohttp
 
@@ -22,6 +23,35 @@ from . import Failure, parse_off_loop
 
 LONG_POLL_HEADER = "X-Keyroute-Long-Poll"
 MAX_TABLE_BYTES = 256 << 20
+
+
+async def read_body(content: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """The whole body, or None if it is larger than ``limit``. (``read(n)``
+    returns what is buffered, often a first piece only.)"""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await content.read(limit + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None
+    return b"".join(chunks)
+
+
+def reusable_etag(headers: Mapping[str, str]) -> str | None:
+    """The response's ETag, unless it may not change with the content: a file
+    modified in the second it was served (``Last-Modified`` not before ``Date``)
+    can change again within that second, and servers that derive the ETag from
+    mtime in seconds and size (nginx) would keep it. RFC 9110, 8.8.2.2."""
+    etag = headers.get("ETag")
+    modified, date = headers.get("Last-Modified"), headers.get("Date")
+    if etag and modified and date:
+        try:
+            if parsedate_to_datetime(modified) >= parsedate_to_datetime(date):
+                return None
+        except (TypeError, ValueError):
+            pass
+    return etag
 
 
 class HttpSource:
@@ -44,6 +74,7 @@ class HttpSource:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.etag: str | None = None
+        self.body: bytes | None = None  # last body fetched: the same again is no news
         self.generation: int | None = None
         self.long_poll = False
 
@@ -77,18 +108,22 @@ class HttpSource:
                         if r.status == 304:
                             failures = 0
                         elif r.status == 200:
-                            data = await r.content.read(MAX_TABLE_BYTES + 1)
-                            if len(data) > MAX_TABLE_BYTES:
+                            data = await read_body(r.content, MAX_TABLE_BYTES)
+                            if data is None:
                                 result = Failure("invalid", f"{self.url}: table larger than {MAX_TABLE_BYTES} bytes")
+                            elif data == self.body:
+                                self.etag = reusable_etag(r.headers)
+                                failures = 0
                             else:
+                                self.body = data
                                 try:
                                     table = await parse_off_loop(data)
                                 except AssignmentError as exc:
                                     # Not asked again until it changes (plain servers honour the ETag).
-                                    self.etag = r.headers.get("ETag")
+                                    self.etag = reusable_etag(r.headers)
                                     result = Failure("invalid", f"{self.url}: {exc}")
                                 else:
-                                    self.etag = r.headers.get("ETag")
+                                    self.etag = reusable_etag(r.headers)
                                     self.generation = table.generation
                                     result = table
                                     failures = 0
