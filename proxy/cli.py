@@ -56,7 +56,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         print(f"config {args.config}: ok", file=out)
         src = settings.assignment.source
         if args.file is None and src.startswith("file:"):
-            args.file = _resolve_source_path(src, args.config)
+            args.file = src[len("file:") :]  # relative to the working directory
     if args.file is None:
         if args.config:
             return 0
@@ -65,12 +65,6 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     print(f"table {args.file}: ok", file=out)
     _describe(table, out)
     return 0
-
-
-def _resolve_source_path(source: str, config_path: str | None = None) -> str:
-    """``file:PATH`` -> PATH. Relative paths are relative to the working directory."""
-    del config_path
-    return source[len("file:") :]
 
 
 def cmd_lookup(args: argparse.Namespace, out: TextIO) -> int:

@@ -62,11 +62,6 @@ def parse_address(value: Any, key: str) -> tuple[str, int]:
     return host, int(port)
 
 
-@dataclass(frozen=True, slots=True)
-class Duration:
-    """Marker for fields given as duration strings."""
-
-
 def _dur(default: str) -> Any:
     return field(default=parse_duration(default, "default"), metadata={"kind": "duration", "text": default})
 

@@ -10,11 +10,12 @@ unfinished body, a HEAD or upgrade response) discards it.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httptools
+
+from . import wire
 
 if TYPE_CHECKING:
     from .server import Exchange
@@ -78,12 +79,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        wire.set_nodelay(transport)
 
     def data_received(self, data: bytes) -> None:
         ex = self.exchange

@@ -5,6 +5,8 @@ Everything here is computed once at import; the hot path only looks things up.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from http import HTTPStatus
 from typing import Any
 
@@ -41,6 +43,22 @@ def status_line(code: int, reason: bytes = b"") -> bytes:
     if line is not None and not reason:
         return line
     return b"HTTP/1.1 %d %s\r\n" % (code, reason or _REASONS.get(code, b"Unknown"))
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """Small heads and bodies must leave at once, not wait for Nagle."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+def drop_named(lines: list[bytes], start: int, names: set[bytes] | list[bytes]) -> list[bytes]:
+    """``lines[start:]`` are "Name: value" header lines: leave out those whose
+    name a Connection header listed (they are hop-by-hop too)."""
+    return lines[:start] + [line for line in lines[start:] if line.split(b":", 1)[0].lower() not in names]
 
 
 def chunk(data: bytes) -> bytes:
