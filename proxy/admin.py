@@ -105,7 +105,7 @@ async def put_assignment(request: web.Request) -> web.Response:
     if len(data) > MAX_PUT_BYTES:
         return _error(413, "body_too_large", f"tables above {MAX_PUT_BYTES} bytes are refused", rt)
     try:
-        table = core.parse(data)
+        table = await rt.offload.parse(data)
     except core.AssignmentError as exc:
         rt.note_reload("invalid", str(exc))
         return _error(400, "invalid_table", str(exc), rt)

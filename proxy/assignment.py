@@ -12,9 +12,9 @@ afterwards by ``lookup``):
 * ``starts`` is strictly increasing, ``starts[0] == 0`` and every start is
   below ``2**64``; slice ``i`` covers ``[starts[i], starts[i + 1])`` and the
   last one runs to ``2**64``. So every position lies in exactly one slice.
-* ``_index`` is derived from ``starts`` (see ``Assignment.__init__``) and
+* ``_index`` is derived from ``starts`` (see ``_lookup_index``) and
   narrows every lookup to the slices of one bucket of top bits.
-* ``routes[i]`` describes slice ``i``: its owner names a pod of the table,
+* ``route(i)`` describes slice ``i``: its owner names a pod of the table,
   ``1 <= epoch <= generation``, and its backups are distinct pods of the
   table other than the owner.
 """
@@ -27,7 +27,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, count, repeat
+from itertools import accumulate
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -92,8 +92,8 @@ class Pod:
 
 
 class Route(NamedTuple):
-    """Where one slice of the key space goes. ``lookup`` returns these,
-    precomputed per slice, so a lookup allocates nothing.
+    """Where one slice of the key space goes. ``lookup`` returns these, built
+    once per slice, so a lookup allocates nothing after the first.
 
     A named tuple rather than a frozen dataclass: just as immutable, and a
     table of a million slices builds them several times faster."""
@@ -130,48 +130,151 @@ class SliceSpec:
 
 
 class Assignment:
-    """An immutable, validated assignment table. Build with ``parse`` or ``build``."""
+    """An immutable, validated assignment table. Build with ``parse`` or ``build``.
 
-    __slots__ = ("generation", "pods", "routes", "starts", "generated", "slice_count", "_index", "_shift")
+    Slices are kept as columns of machine integers (starts, owner, epoch,
+    backups) rather than one object each: a 100k-slice table is a few flat
+    arrays, cheap to pickle from the helper process that parses big tables
+    (``proxy.offload``) and invisible to the garbage collector. The ``Route``
+    of a slice is built the first time a lookup lands on it.
+    """
+
+    __slots__ = (
+        "generation",
+        "pods",
+        "generated",
+        "slice_count",
+        "starts",
+        "_owner",
+        "_epoch",
+        "_backup",
+        "_combos",
+        "_pod_list",
+        "_index",
+        "_shift",
+        "_routes",
+    )
 
     generation: int
     pods: Mapping[str, Pod]
-    routes: tuple[Route, ...]
-    starts: list[int]
     generated: bool
     slice_count: int
+    starts: array[int]
 
-    def __init__(self, generation: int, pods: Mapping[str, Pod], routes: Sequence[Route], generated: bool) -> None:
+    def __init__(
+        self,
+        generation: int,
+        pods: Mapping[str, Pod],
+        starts: Sequence[int],
+        owners: Sequence[Pod],
+        epochs: Sequence[int],
+        backups: Sequence[tuple[str, ...]],
+        generated: bool,
+    ) -> None:
+        """Columns from per-slice sequences (already validated)."""
+        pos = {pid: k for k, pid in enumerate(pods)}
+        # Backup lists repeat: each distinct one is stored once, in order of
+        # first use, so equal tables get equal columns.
+        combos: dict[tuple[str, ...], int] = {}
+        self._setup(
+            generation,
+            dict(pods),
+            generated,
+            array("Q", starts),
+            array("I", [pos[p.id] for p in owners]),
+            array("Q", epochs),
+            array("I", [combos.setdefault(b, len(combos)) for b in backups]),
+            tuple(combos),
+            None,
+        )
+
+    def _setup(
+        self,
+        generation: int,
+        pods: dict[str, Pod],
+        generated: bool,
+        starts: array[int],
+        owner: array[int],
+        epoch: array[int],
+        backup: array[int],
+        combos: tuple[tuple[str, ...], ...],
+        index: tuple[int, array[int]] | None,
+    ) -> None:
         self.generation = generation
-        self.pods = MappingProxyType(dict(pods))
-        self.routes = tuple(routes)
-        # A list, not a tuple: bisect is a little faster on lists.
-        self.starts = starts = [r.start for r in self.routes]
+        self.pods = MappingProxyType(pods)
         self.generated = generated
-        self.slice_count = len(self.routes)
-        # An index on the top bits of positions: ``_index[b]`` counts the starts
-        # whose top bits are below ``b``, so the slice of a position with top
-        # bits ``b`` lies in ``starts[_index[b] - 1 : _index[b + 1]]``, mostly
-        # one or two slices. A lookup then touches a few cache lines instead of
-        # walking a binary search over the whole table.
-        bits = min(max(len(starts).bit_length(), 1), _INDEX_BITS)
-        shift = self._shift = 64 - bits
-        counts = [0] * ((1 << bits) + 1)
-        for start in starts:
-            counts[(start >> shift) + 1] += 1
-        self._index = array("q", accumulate(counts))
+        self.slice_count = len(starts)
+        self.starts = starts
+        self._owner = owner
+        self._epoch = epoch
+        self._backup = backup
+        self._combos = combos
+        self._pod_list = tuple(pods.values())
+        self._routes: list[Route | None] = [None] * len(starts)
+        if index is None:
+            index = _lookup_index(starts)
+        self._shift, self._index = index
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Pickled as its columns and lookup index: unpickling is a few copies.
+        return _restore, (
+            self.generation,
+            dict(self.pods),
+            self.generated,
+            self.starts,
+            self._owner,
+            self._epoch,
+            self._backup,
+            self._combos,
+            (self._shift, self._index),
+        )
 
     def lookup(self, key: bytes) -> Route:
         """Route for a routing key (raw header bytes)."""
         # lookup_position(position(key)), inlined: this runs once per proxied request.
         pos = _hash64(key, 0, signed=False)[0]
         index, b = self._index, pos >> self._shift
-        return self.routes[bisect_right(self.starts, pos, index[b], index[b + 1]) - 1]
+        i = bisect_right(self.starts, pos, index[b], index[b + 1]) - 1
+        return self._routes[i] or self.route(i)
 
     def lookup_position(self, pos: int) -> Route:
         """Route for a position in ``[0, 2**64)``."""
         index, b = self._index, pos >> self._shift
-        return self.routes[bisect_right(self.starts, pos, index[b], index[b + 1]) - 1]
+        i = bisect_right(self.starts, pos, index[b], index[b + 1]) - 1
+        return self._routes[i] or self.route(i)
+
+    def route(self, i: int) -> Route:
+        """The route of slice ``i``, built once."""
+        r = self._routes[i]
+        if r is None:
+            starts = self.starts
+            end = starts[i + 1] if i + 1 < self.slice_count else KEY_SPACE
+            pod = self._pod_list[self._owner[i]]
+            backups = self._combos[self._backup[i]]
+            r = self._routes[i] = Route(i, starts[i], end, pod, self._epoch[i], backups, self.generation)
+        return r
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """Every slice's route, in order (builds those not built yet)."""
+        return tuple(map(self.route, range(self.slice_count)))
+
+    def owner_ids(self) -> list[str]:
+        """The owner's pod id of each slice, without building routes."""
+        ids = [p.id for p in self._pod_list]
+        return [ids[k] for k in self._owner]
+
+    def same_slices(self, other: Assignment) -> bool:
+        """True if both tables have the same slices: starts, owners, epochs and
+        backups (generation and pods are not compared)."""
+        if self.starts != other.starts or self._epoch != other._epoch:
+            return False
+        if tuple(self.pods) == tuple(other.pods) and self._combos == other._combos:
+            return self._owner == other._owner and self._backup == other._backup
+        # Pods listed in another order: compare by id.
+        return self.owner_ids() == other.owner_ids() and all(
+            self._combos[a] == other._combos[b] for a, b in zip(self._backup, other._backup, strict=True)
+        )
 
     def shares(self) -> dict[str, float]:
         """Share of the key space owned by each pod (0.0 for pods that own none)."""
@@ -212,6 +315,36 @@ class Assignment:
         return orjson.dumps(self.to_json(explicit=explicit), option=orjson.OPT_INDENT_2) + b"\n"
 
 
+def _lookup_index(starts: array[int]) -> tuple[int, array[int]]:
+    """An index on the top bits of positions: ``index[b]`` counts the starts
+    whose top bits are below ``b``, so the slice of a position with top bits
+    ``b`` lies in ``starts[index[b] - 1 : index[b + 1]]``, mostly one or two
+    slices. A lookup then touches a few cache lines instead of walking a
+    binary search over the whole table. Returns (shift, index)."""
+    bits = min(max(len(starts).bit_length(), 1), _INDEX_BITS)
+    shift = 64 - bits
+    counts = [0] * ((1 << bits) + 1)
+    for start in starts:
+        counts[(start >> shift) + 1] += 1
+    return shift, array("q", accumulate(counts))
+
+
+def _restore(
+    generation: int,
+    pods: dict[str, Pod],
+    generated: bool,
+    starts: array[int],
+    owner: array[int],
+    epoch: array[int],
+    backup: array[int],
+    combos: tuple[tuple[str, ...], ...],
+    index: tuple[int, array[int]],
+) -> Assignment:
+    a = Assignment.__new__(Assignment)
+    a._setup(generation, pods, generated, starts, owner, epoch, backup, combos, index)
+    return a
+
+
 # --------------------------------------------------------------------------
 # Parsing and validation
 
@@ -244,7 +377,8 @@ def from_json(doc: Any) -> Assignment:
     if "slices" in doc:
         if "slice_count" in doc:
             raise AssignmentError("slice_count: only allowed in tables without slices")
-        return Assignment(generation, pods, _parse_slices(doc["slices"], pods, generation), generated=False)
+        starts, owners, epochs, backups = _parse_slices(doc["slices"], pods, generation)
+        return Assignment(generation, pods, starts, owners, epochs, backups, generated=False)
     slice_count = DEFAULT_SLICE_COUNT
     if "slice_count" in doc:
         slice_count = _positive_int(doc["slice_count"], "slice_count")
@@ -391,19 +525,12 @@ def _check_slice(i: int, s: SliceSpec, prev: int, pods: Mapping[str, Pod], gener
     return pod, epoch
 
 
-def _routes(
-    generation: int, starts: list[int], owners: list[Pod], epochs: list[int], backups: list[tuple[str, ...]]
-) -> list[Route]:
-    ends = starts[1:]
-    ends.append(KEY_SPACE)
-    # tuple.__new__ over zip: the fields are already in order, no per-route call.
-    return list(
-        map(tuple.__new__, repeat(Route), zip(count(), starts, ends, owners, epochs, backups, repeat(generation)))
-    )
+Columns = tuple[list[int], list[Pod], list[int], list[tuple[str, ...]]]
 
 
-def _parse_slices(raw: Any, pods: Mapping[str, Pod], generation: int) -> list[Route]:
-    """Validate a table's ``slices`` array and resolve it into routes.
+def _parse_slices(raw: Any, pods: Mapping[str, Pod], generation: int) -> Columns:
+    """Validate a table's ``slices`` array and resolve it into columns:
+    starts, owners, epochs and backups of each slice.
 
     Tables can hold a million slices, so the common well-formed slice is
     checked inline; any other slice (and the first of each owner/backups
@@ -471,7 +598,7 @@ def _parse_slices(raw: Any, pods: Mapping[str, Pod], generation: int) -> list[Ro
         epochs.append(epoch)
         backups.append(bt)
         prev = start
-    return _routes(generation, starts, owners, epochs, backups)
+    return starts, owners, epochs, backups
 
 
 def build(generation: int, pods: Mapping[str, Pod], specs: Sequence[SliceSpec]) -> Assignment:
@@ -487,8 +614,7 @@ def build(generation: int, pods: Mapping[str, Pod], specs: Sequence[SliceSpec]) 
         epochs.append(epoch)
         prev = s.start
     starts = [s.start for s in specs]
-    routes = _routes(generation, starts, owners, epochs, [s.backups for s in specs])
-    return Assignment(generation, pods, routes, generated=False)
+    return Assignment(generation, pods, starts, owners, epochs, [s.backups for s in specs], generated=False)
 
 
 # --------------------------------------------------------------------------
@@ -523,15 +649,26 @@ def generate(generation: int, pods: Mapping[str, Pod], slice_count: int = DEFAUL
     pod with the highest rendezvous score; the next pods are its backups."""
     if not any(p.active for p in pods.values()):
         raise AssignmentError("pods: no active pod to own the generated slices (all are draining)")
-    routes: list[Route] = []
-    starts = slice_starts(slice_count)
     values = list(pods.values())
-    for i, start in enumerate(starts):
-        order = rank(values, start)
-        end = starts[i + 1] if i + 1 < slice_count else KEY_SPACE
-        backups = tuple(p.id for p in order[1 : 1 + GENERATED_BACKUPS])
-        routes.append(Route(i, start, end, order[0], generation, backups, generation))
-    return Assignment(generation, pods, routes, generated=True)
+    ids = [p.id for p in values]
+    # ``rank`` for every slice start, with the per-pod parts of ``score``
+    # hoisted out of the loop: the same keys, so the same order.
+    per_pod = [(p.id.encode() + b"\x00", p.weight, p.active) for p in values]
+    pod_range = range(len(values))
+    h64, log = mmh3.hash64, math.log
+    starts = slice_starts(slice_count)
+    owners: list[Pod] = []
+    backups: list[tuple[str, ...]] = []
+    for start in starts:
+        point = start.to_bytes(8, "big")
+        keys = [
+            (active, -weight / log((h64(prefix + point, 0, signed=False)[0] + 0.5) / KEY_SPACE))
+            for prefix, weight, active in per_pod
+        ]
+        order = sorted(pod_range, key=keys.__getitem__, reverse=True)
+        owners.append(values[order[0]])
+        backups.append(tuple([ids[k] for k in order[1 : 1 + GENERATED_BACKUPS]]))
+    return Assignment(generation, pods, starts, owners, [generation] * slice_count, backups, generated=True)
 
 
 # --------------------------------------------------------------------------
@@ -540,21 +677,30 @@ def generate(generation: int, pods: Mapping[str, Pod], slice_count: int = DEFAUL
 
 def moved_share(old: Assignment, new: Assignment) -> float:
     """Share of the key space whose owner differs between two tables."""
-    moved = 0
-    i = j = 0
-    lo = 0
-    ro, rn = old.routes, new.routes
+    if old.starts == new.starts:
+        moved = 0
+        for k, (was, now) in enumerate(zip(old.owner_ids(), new.owner_ids(), strict=True)):
+            if was != now:
+                moved += _end(new.starts, k) - new.starts[k]
+        return moved / KEY_SPACE
+    moved = i = j = lo = 0
+    so, sn = old.starts, new.starts
+    oo, on = old.owner_ids(), new.owner_ids()
     while lo < KEY_SPACE:
-        a, b = ro[i], rn[j]
-        hi = min(a.end, b.end)
-        if a.pod.id != b.pod.id:
+        end_old, end_new = _end(so, i), _end(sn, j)
+        hi = min(end_old, end_new)
+        if oo[i] != on[j]:
             moved += hi - lo
         lo = hi
-        if a.end == hi:
+        if end_old == hi:
             i += 1
-        if b.end == hi:
+        if end_new == hi:
             j += 1
     return moved / KEY_SPACE
+
+
+def _end(starts: array[int], i: int) -> int:
+    return starts[i + 1] if i + 1 < len(starts) else KEY_SPACE
 
 
 def evolve(

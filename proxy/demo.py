@@ -96,7 +96,7 @@ async def _main(listen: str, admin: str, out: TextIO) -> int:
         host, port = socks[0].getsockname()[:2]
         base = f"http://{host}:{port}"
 
-        watcher = follow(rt, FileSource(table_path, poll_interval=1.0))
+        watcher = follow(rt, FileSource(table_path, poll_interval=1.0, offload=rt.offload))
         owner = table.lookup(b"user-1").pod.id
         lines = [
             f"keyroute demo: proxy on {base}, pods {', '.join(f'{p[0]}={p[1]}' for p in pods)}",

@@ -34,6 +34,7 @@ from .assignment import Assignment, Pod, Route, rank
 from .config import Settings
 from .health import Health, probe_loop
 from .metrics import METRICS_DIR_ENV, RuntimeCollector, Shared, Stats, exposition
+from .offload import Offload
 from .upstream import Pool, UpstreamConnection, Upstreams
 
 log = logging.getLogger("keyroute")
@@ -190,6 +191,10 @@ class Runtime:
         self.table_loaded_at: float | None = None  # Unix time
         self.last_reload_error: str | None = None
         self.admin_port: int | None = None
+        # Parses big tables in a helper process (sources, admin PUT) and
+        # compares them for the reload log.
+        self.offload = Offload()
+        self._background: set[asyncio.Task[None]] = set()
 
     def set_assignment(self, assignment: Assignment) -> None:
         """Publish a new table: one reference assignment."""
@@ -199,7 +204,6 @@ class Runtime:
     def offer(self, assignment: Assignment) -> str:
         """Apply ``assignment`` if its generation is above the one in force.
         Returns "" when applied (or identical to the table in force), else why not."""
-        from .assignment import moved_share
         from .sources import judge
 
         old = self.table.assignment if self.table is not None else None
@@ -211,14 +215,22 @@ class Runtime:
                 self._log_applied(None, assignment, 1.0)
             else:
                 # Comparing two 100k-slice tables takes tens of ms: not on the loop.
-                done = self.loop.run_in_executor(None, moved_share, old, assignment)
-                done.add_done_callback(lambda f: self._log_applied(old, assignment, f.result()))
+                task = self.loop.create_task(self._log_moved(old, assignment))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
             return ""
         if verdict:
             self.note_reload("stale" if verdict.startswith("stale") else "conflict", verdict)
         return verdict
 
-    def _log_applied(self, old: Assignment | None, new: Assignment, moved: float) -> None:
+    async def _log_moved(self, old: Assignment, new: Assignment) -> None:
+        try:
+            moved: float | None = await self.offload.moved_share(old, new)
+        except OSError:  # shutting down
+            moved = None
+        self._log_applied(old, new, moved)
+
+    def _log_applied(self, old: Assignment | None, new: Assignment, moved: float | None) -> None:
         log.info(
             "%s",
             orjson.dumps(
@@ -227,7 +239,7 @@ class Runtime:
                     "result": "applied",
                     "old_generation": old.generation if old else None,
                     "generation": new.generation,
-                    "moved": round(moved, 6),
+                    "moved": None if moved is None else round(moved, 6),
                     "source": self.settings.assignment.source,
                 }
             ).decode(),
@@ -1329,6 +1341,7 @@ async def shutdown(rt: Runtime, server: asyncio.base_events.Server) -> None:
     for conn in list(rt.connections):
         conn.abort()
     rt.upstreams.close()
+    rt.offload.close()
     await server.wait_closed()
 
 
@@ -1406,7 +1419,11 @@ def run_worker(settings: Settings, assignment: Assignment | None) -> int:
 
             a = settings.assignment
             source = sources.open_source(
-                a.source, watch=a.watch, poll_interval=a.poll_interval, authorization=a.authorization
+                a.source,
+                watch=a.watch,
+                poll_interval=a.poll_interval,
+                authorization=a.authorization,
+                offload=rt.offload,
             )
             watcher.append(follow(rt, source))
 

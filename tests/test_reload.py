@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from proxy import assignment as core
+from proxy.offload import INLINE_BYTES
 from proxy.server import follow
 from proxy.sources.file import FileSource
 from proxy.sources.http import HttpSource
@@ -27,7 +28,9 @@ Factory = Callable[..., Awaitable[Proxy]]
 CLIENTS = 32
 KEYS = [f"key-{i}" for i in range(2000)]
 WRITES = 60
-SLICES = 256
+# Explicit tables of 256 slices are parsed inline; of 4096 slices (~400 kB)
+# in the helper process of proxy.offload.
+SLICES = [256, 4096]
 BOUND = 5.0
 
 
@@ -58,7 +61,7 @@ def next_table(prev: core.Assignment, generation: int, pods: dict[str, core.Pod]
     """Alternate fresh generated tables and minimal-move evolutions (with and
     without rebalancing), so that both owners and epochs change."""
     if generation % 3 == 0:
-        return core.generate(generation, pods, SLICES)
+        return core.generate(generation, pods, prev.slice_count)
     return core.evolve(prev, pods, generation, rebalance=generation % 2 == 0)
 
 
@@ -150,6 +153,9 @@ async def reload_under_load(px: Proxy, pods: list[Pod], path: Path, tables: dict
 
     await load.run(rewrite)
     final = max(tables)
+    big = tables[final].dumps()
+    if len(big) >= INLINE_BYTES:  # these tables went through the helper process
+        assert px.runtime.offload.calls > 0, len(big)
     assert not load.problems, f"{len(load.problems)} of {load.responses} responses wrong, first: {load.problems[:5]}"
     assert await generation_in_force(px.base) == final
     assert load.responses > 500
@@ -167,13 +173,16 @@ async def cancel(task: asyncio.Task[Any]) -> None:
 
 
 @pytest.mark.timeout(30)
-async def test_reload_under_load_file_source(tmp_path: Path, proxy_factory: Factory, pods: list[Pod]) -> None:
-    first = core.generate(1, layouts(pods)[0], SLICES)
+@pytest.mark.parametrize("slices", SLICES)
+async def test_reload_under_load_file_source(
+    tmp_path: Path, proxy_factory: Factory, pods: list[Pod], slices: int
+) -> None:
+    first = core.generate(1, layouts(pods)[0], slices)
     tables = {1: first}
     path = tmp_path / "assignment.json"
     write_atomic(path, first.dumps())
     px = await proxy_factory(first, proxy__shutdown_timeout="2s")
-    watcher = follow(px.runtime, FileSource(str(path), watch="auto"))
+    watcher = follow(px.runtime, FileSource(str(path), watch="auto", offload=px.runtime.offload))
     try:
         await reload_under_load(px, pods, path, tables)
     finally:
@@ -181,8 +190,11 @@ async def test_reload_under_load_file_source(tmp_path: Path, proxy_factory: Fact
 
 
 @pytest.mark.timeout(30)
-async def test_reload_under_load_long_poll(tmp_path: Path, proxy_factory: Factory, pods: list[Pod]) -> None:
-    first = core.generate(1, layouts(pods)[0], SLICES)
+@pytest.mark.parametrize("slices", SLICES)
+async def test_reload_under_load_long_poll(
+    tmp_path: Path, proxy_factory: Factory, pods: list[Pod], slices: int
+) -> None:
+    first = core.generate(1, layouts(pods)[0], slices)
     tables = {1: first}
     path = tmp_path / "assignment.json"
     write_atomic(path, first.dumps())
@@ -196,7 +208,8 @@ async def test_reload_under_load_long_poll(tmp_path: Path, proxy_factory: Factor
             port = await bound
         px = await proxy_factory(None, proxy__shutdown_timeout="2s")
         # poll_interval far above the test's length: only long polls deliver.
-        watcher = follow(px.runtime, HttpSource(f"http://127.0.0.1:{port}/", poll_interval=30.0))
+        source = HttpSource(f"http://127.0.0.1:{port}/", poll_interval=30.0, offload=px.runtime.offload)
+        watcher = follow(px.runtime, source)
         async with aiohttp.ClientSession() as s, asyncio.timeout(BOUND):
             while True:  # 503 no_table until the first fetch
                 async with s.get(px.base + "/", headers={"X-Routing-Key": "probe"}) as r:

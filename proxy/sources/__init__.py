@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..assignment import Assignment, AssignmentError, parse
 
-# Tables larger than this are parsed in a worker thread so the event loop
-# keeps serving requests while a 100k-slice table is validated.
-OFF_LOOP_BYTES = 256 * 1024
+if TYPE_CHECKING:
+    from ..offload import Offload
 
 
 class SourceError(Exception):
@@ -25,13 +23,6 @@ class Failure:
 
     kind: str
     detail: str
-
-
-async def parse_off_loop(data: bytes) -> Assignment:
-    """Parse and validate, off the event loop when the table is big."""
-    if len(data) < OFF_LOOP_BYTES:
-        return parse(data)
-    return await asyncio.get_running_loop().run_in_executor(None, parse, data)
 
 
 def file_path(source: str) -> str:
@@ -76,15 +67,23 @@ class Source(Protocol):
     def updates(self) -> AsyncIterator[Assignment | Failure]: ...
 
 
-def open_source(source: str, *, watch: str = "auto", poll_interval: float = 1.0, authorization: str = "") -> Source:
-    """The source named by ``assignment.source``."""
+def open_source(
+    source: str,
+    *,
+    watch: str = "auto",
+    poll_interval: float = 1.0,
+    authorization: str = "",
+    offload: Offload | None = None,
+) -> Source:
+    """The source named by ``assignment.source``. Big tables are parsed by
+    ``offload`` (the caller's; the source starts its own if none is given)."""
     if source.startswith(("http://", "https://")):
         from .http import HttpSource
 
-        return HttpSource(source, poll_interval=poll_interval, authorization=authorization)
+        return HttpSource(source, poll_interval=poll_interval, authorization=authorization, offload=offload)
     from .file import FileSource
 
-    return FileSource(file_path(source), watch=watch, poll_interval=poll_interval)
+    return FileSource(file_path(source), watch=watch, poll_interval=poll_interval, offload=offload)
 
 
 def judge(old: Assignment | None, new: Assignment) -> str | None:
@@ -94,7 +93,7 @@ def judge(old: Assignment | None, new: Assignment) -> str | None:
     if new.generation < old.generation:
         return f"stale table: generation {new.generation} is below the one in force, {old.generation}"
     # Same pods and same slices (owners, epochs, backups): the same table.
-    # Tuple comparison in C, not a rebuild of both tables as JSON.
-    if dict(new.pods) == dict(old.pods) and new.routes == old.routes:
+    # Column comparison in C, not a rebuild of both tables as JSON.
+    if dict(new.pods) == dict(old.pods) and new.same_slices(old):
         return ""
     return f"conflicting table: generation {new.generation} is in force with different content"

@@ -3,9 +3,14 @@
 Reacts to in-place writes, atomic renames (write a temp file, then ``mv``) and
 the Kubernetes ConfigMap symlink swap (``..data`` -> a new timestamped folder):
 all three change the identity (device, inode, size, mtime) of the file that
-PATH resolves to. inotify (through watchfiles) wakes the watcher at once; the
-identity is also checked every ``poll_interval`` in case events are lost, and
-``watch = "poll"`` uses only that.
+PATH resolves to. inotify (through watchfiles) wakes the watcher once the
+folder has been quiet for ``step`` (5 ms); the identity is also checked every
+``poll_interval`` in case events are lost, and ``watch = "poll"`` uses only
+that, then waits for the identity to hold still for ``debounce``.
+
+A file that fails to parse while it is still changing (an in-place write in
+progress) is not reported: the change that completes it is read next. Big
+files are read and parsed in the helper process of ``proxy.offload``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import os
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from ..assignment import Assignment, AssignmentError
-from . import Failure, SourceError, parse_off_loop
+from ..offload import Offload
+from . import Failure, SourceError
 
 Identity = tuple[int, int, int, int]
 
@@ -32,27 +38,41 @@ class FileSource:
     """Yields the file's table, then a validated ``Assignment`` each time the
     file changes, or a ``Failure`` when the content cannot be used."""
 
-    def __init__(self, path: str, *, watch: str = "auto", poll_interval: float = 1.0, debounce: float = 0.02) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        watch: str = "auto",
+        poll_interval: float = 1.0,
+        debounce: float = 0.02,
+        step: float = 0.005,
+        offload: Offload | None = None,
+    ) -> None:
         self.path = path
         self.watch = watch
         self.poll_interval = poll_interval
         self.debounce = debounce
+        self.step = step
         self.seen: Identity | None = None
+        self._own_offload = offload is None
+        self.offload = offload if offload is not None else Offload()
 
     @property
     def name(self) -> str:
         return f"file:{self.path}"
 
-    async def _read(self) -> Assignment | Failure:
+    async def _read(self) -> Assignment | Failure | None:
+        """The file's table; a ``Failure``; or None if the file changed while
+        it was read (the next tick reads the new content)."""
         try:
-            with open(self.path, "rb") as fh:
-                data = fh.read()
+            return await self.offload.read(self.path)
         except OSError as exc:
-            return Failure("error", f"{self.path}: cannot read: {exc.strerror}")
-        try:
-            return await parse_off_loop(data)
+            failure = Failure("error", f"{self.path}: cannot read: {exc.strerror or exc}")
         except AssignmentError as exc:
-            return Failure("invalid", f"{self.path}: {exc}")
+            failure = Failure("invalid", f"{self.path}: {exc}")
+        if identity(self.path) not in (self.seen, None):
+            return None
+        return failure
 
     async def updates(self) -> AsyncIterator[Assignment | Failure]:
         ticks = self._ticks()
@@ -65,7 +85,9 @@ class FileSource:
             # table in force was read (at startup, before workers started); a
             # consumer drops a table equal to the one in force.
             self.seen = identity(self.path)
-            yield await self._read()
+            first = await self._read()
+            if first is not None:
+                yield first
             await tick
             while True:
                 item = await self._check()
@@ -77,18 +99,25 @@ class FileSource:
                 await ticks.aclose()
             else:
                 tick.cancel()
+            if self._own_offload:
+                self.offload.close()
 
     async def _check(self) -> Assignment | Failure | None:
         """The new table if the file changed since it was last read."""
         ident = identity(self.path)
         if ident is None or ident == self.seen:
             return None
-        if self.debounce:
-            # Let a burst of writes settle; read what it left.
-            await asyncio.sleep(self.debounce)
-            ident = identity(self.path)
-            if ident is None:
-                return None
+        if self.watch == "poll" and self.debounce:
+            # Let a burst of writes settle (watchfiles does this for events):
+            # read once the file has held still for ``debounce``, or after 1 s.
+            for _ in range(max(1, int(1.0 / self.debounce))):
+                await asyncio.sleep(self.debounce)
+                now = identity(self.path)
+                if now is None:
+                    return None
+                if now == ident:
+                    break
+                ident = now
         self.seen = ident
         return await self._read()
 
@@ -108,8 +137,8 @@ class FileSource:
         async for _ in watchfiles.awatch(
             *folders,
             watch_filter=None,
-            debounce=int(self.debounce * 1000) or 1,
-            step=10,
+            debounce=max(int(self.debounce * 1000), 1),
+            step=max(int(self.step * 1000), 1),
             recursive=False,
             rust_timeout=int(self.poll_interval * 1000),
             yield_on_timeout=True,

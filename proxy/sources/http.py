@@ -19,7 +19,8 @@ from email.utils import parsedate_to_datetime
 import aiohttp
 
 from ..assignment import Assignment, AssignmentError
-from . import Failure, parse_off_loop
+from ..offload import Offload
+from . import Failure
 
 LONG_POLL_HEADER = "X-Keyroute-Long-Poll"
 MAX_TABLE_BYTES = 256 << 20
@@ -65,6 +66,7 @@ class HttpSource:
         wait: float = 30.0,
         backoff_base: float = 0.25,
         backoff_cap: float = 30.0,
+        offload: Offload | None = None,
     ) -> None:
         self.url = url
         self.poll_interval = poll_interval
@@ -77,6 +79,8 @@ class HttpSource:
         self.body: bytes | None = None  # last body fetched: the same again is no news
         self.generation: int | None = None
         self.long_poll = False
+        self._own_offload = offload is None
+        self.offload = offload if offload is not None else Offload()
 
     @property
     def name(self) -> str:
@@ -87,6 +91,14 @@ class HttpSource:
         return random.uniform(0, min(self.backoff_cap, self.backoff_base * (2**failures)))
 
     async def updates(self) -> AsyncIterator[Assignment | Failure]:
+        try:
+            async for item in self._updates():
+                yield item
+        finally:
+            if self._own_offload:
+                self.offload.close()
+
+    async def _updates(self) -> AsyncIterator[Assignment | Failure]:
         failures = 0
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
             while True:
@@ -117,7 +129,7 @@ class HttpSource:
                             else:
                                 self.body = data
                                 try:
-                                    table = await parse_off_loop(data)
+                                    table = await self.offload.parse(data)
                                 except AssignmentError as exc:
                                     # Not asked again until it changes (plain servers honour the ETag).
                                     self.etag = reusable_etag(r.headers)

@@ -1,0 +1,185 @@
+"""Work on big tables, done in a helper process so the event loop never stalls.
+
+Parsing a 100k-slice table takes a few hundred milliseconds of Python and
+allocates about a million objects. In a thread of the proxy's own process it
+would hold the GIL and set off full garbage collections that stop the event
+loop for tens of milliseconds at a time. So big tables are parsed (and
+compared, for the reload log) in one helper process per proxy worker:
+
+* the helper is started with ``spawn`` on first use and kept; it runs at the
+  lowest CPU priority (``SCHED_IDLE``, else nice 19), so on a busy core it
+  takes only the time the proxy leaves idle;
+* it returns an ``Assignment`` as flat columns (see ``Assignment.__reduce__``):
+  unpickling one is a few memory copies, with no per-slice objects;
+* calls go one at a time over a pipe, from a thread of the default executor
+  that waits on the pipe without the GIL;
+* if the helper dies, the call that saw it falls back to a thread, and the
+  next call starts a new helper.
+
+Small tables are parsed inline: for them the round trip costs more than the
+work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any, TypeVar
+
+import orjson
+
+from .assignment import DEFAULT_SLICE_COUNT, Assignment, AssignmentError, from_json, moved_share, parse
+
+log = logging.getLogger("keyroute.offload")
+T = TypeVar("T")
+
+# Tables up to this size are parsed inline: an explicit table of 256 slices
+# (or a pods-only one) is parsed in well under a millisecond.
+INLINE_BYTES = 32 * 1024
+# A pods-only table is expanded by ``generate()``, which costs about 1 µs per
+# slice and pod: up to this many (slice_count x pods) it runs inline.
+INLINE_GENERATE = 8 * 1024
+# ``moved_share`` walks both tables: inline below this many slices in total.
+INLINE_COMPARE = 16 * 1024
+
+
+def read_table(path: str) -> Assignment:
+    """Read and parse a table file (runs in the helper for big files)."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return parse(data)
+
+
+def _helper(conn: Connection) -> None:
+    """The helper process: run each call it is sent, answer with its result
+    or its exception. Exits when the proxy closes the pipe (or dies)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the proxy's to handle
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
+    while True:
+        try:
+            fn, args = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            result: Any = (True, fn(*args))
+        except Exception as exc:
+            result = (False, exc)
+        try:
+            conn.send(result)
+        except (BrokenPipeError, OSError):
+            return
+
+
+class Offload:
+    """One helper process, started on first use; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._closed = False
+        self.calls = 0  # calls answered by the helper
+        self.fallbacks = 0  # calls run in a thread because the helper failed
+
+    async def parse(self, data: bytes) -> Assignment:
+        """Parse and validate a table; raises ``AssignmentError``."""
+        if len(data) < INLINE_BYTES:
+            try:
+                doc = orjson.loads(data)
+            except orjson.JSONDecodeError as exc:
+                raise AssignmentError(f"not valid JSON: {exc}") from None
+            if not _expands(doc):
+                return from_json(doc)
+        return await self.run(parse, data)
+
+    async def read(self, path: str) -> Assignment:
+        """Read and parse a table file; raises ``OSError`` or ``AssignmentError``."""
+        if os.stat(path).st_size < INLINE_BYTES:
+            with open(path, "rb") as fh:
+                return await self.parse(fh.read())
+        return await self.run(read_table, path)
+
+    async def moved_share(self, old: Assignment, new: Assignment) -> float:
+        if old.slice_count + new.slice_count < INLINE_COMPARE:
+            return moved_share(old, new)
+        return await self.run(moved_share, old, new)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in the helper (a thread if the helper fails)."""
+        ok, value = await asyncio.get_running_loop().run_in_executor(None, self._call, fn, args)
+        if not ok:
+            raise value
+        result: T = value
+        return result
+
+    def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
+        with self._lock:
+            try:
+                conn = self._connect()
+                conn.send((fn, args))
+                answer: tuple[bool, Any] = conn.recv()
+                self.calls += 1
+                return answer
+            except (EOFError, OSError) as exc:
+                self._stop()
+                if self._closed:
+                    raise
+                self.fallbacks += 1
+                log.warning("table helper process failed (%s); this table is parsed in a thread", exc)
+        try:
+            return True, fn(*args)
+        except Exception as exc:
+            return False, exc
+
+    def _connect(self) -> Connection:
+        if self._closed:
+            raise OSError("offload is closed")
+        if self._conn is None or self._proc is None or not self._proc.is_alive():
+            self._stop()
+            ctx = multiprocessing.get_context("spawn")
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_helper, args=(child,), name="keyroute-tables", daemon=True)
+            proc.start()
+            child.close()
+            self._proc, self._conn = proc, parent
+        return self._conn
+
+    def _stop(self) -> None:
+        proc, conn = self._proc, self._conn
+        self._proc = self._conn = None
+        if conn is not None:
+            conn.close()
+        if proc is not None:
+            proc.kill()
+            proc.join(5)
+            proc.close()
+
+    def close(self) -> None:
+        """Stop the helper. Safe to call more than once; calls after it fail."""
+        self._closed = True
+        proc = self._proc
+        if proc is not None:
+            # Kill first: a call may hold the lock, waiting on the helper.
+            proc.kill()
+        with self._lock:
+            self._stop()
+
+
+def _expands(doc: Any) -> bool:
+    """Whether ``doc`` is a pods-only table big enough to generate off the loop."""
+    if not isinstance(doc, dict) or "slices" in doc:
+        return False
+    count = doc.get("slice_count", DEFAULT_SLICE_COUNT)
+    pods = doc.get("pods")
+    if not isinstance(count, int) or not isinstance(pods, dict):
+        return False  # invalid: from_json names the problem
+    return count * len(pods) > INLINE_GENERATE

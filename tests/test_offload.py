@@ -1,0 +1,152 @@
+"""The helper process that parses big tables: same results as inline parsing,
+errors that name the place, and recovery when the helper dies."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from proxy import assignment as core
+from proxy.offload import INLINE_BYTES, Offload
+
+PODS = core.make_pods(
+    (f"pod-{i}", f"http://127.0.0.1:{9100 + i}", w, s)
+    for i, (w, s) in enumerate([(1.0, "active"), (2.0, "active"), (1.0, "draining"), (1.5, "active")])
+)
+KEYS = [f"key-{i}".encode() for i in range(3000)]
+
+
+@pytest.fixture
+async def offload() -> AsyncIterator[Offload]:
+    off = Offload()
+    try:
+        yield off
+    finally:
+        off.close()
+
+
+def big_table(generation: int = 7, slices: int = 3000) -> core.Assignment:
+    old = core.generate(generation - 1, PODS, slices)
+    return core.evolve(old, PODS, generation, rebalance=True)
+
+
+def same(a: core.Assignment, b: core.Assignment) -> None:
+    assert (a.generation, dict(a.pods), a.generated) == (b.generation, dict(b.pods), b.generated)
+    assert a.routes == b.routes
+    assert [a.lookup(k) for k in KEYS] == [b.lookup(k) for k in KEYS]
+
+
+def helper_pid(off: Offload) -> int:
+    proc = off._proc
+    assert proc is not None and proc.pid is not None
+    return proc.pid
+
+
+async def test_big_table_is_parsed_in_the_helper(offload: Offload) -> None:
+    table = big_table()
+    data = table.dumps()
+    assert len(data) >= INLINE_BYTES
+    got = await offload.parse(data)
+    same(got, core.parse(data))
+    assert offload.calls == 1 and offload.fallbacks == 0
+    assert helper_pid(offload) != os.getpid()
+
+
+async def test_small_table_is_parsed_inline(offload: Offload) -> None:
+    data = core.generate(3, dict(list(PODS.items())[:2]), 64).dumps()
+    assert len(data) < INLINE_BYTES
+    same(await offload.parse(data), core.parse(data))
+    assert offload.calls == 0 and offload._proc is None
+
+
+async def test_big_pods_only_table_is_generated_in_the_helper(offload: Offload) -> None:
+    data = orjson.dumps({"version": 1, "generation": 4, "pods": {p.id: {"url": p.url} for p in PODS.values()},
+                         "slice_count": 20000})  # fmt: skip
+    assert len(data) < INLINE_BYTES
+    got = await offload.parse(data)
+    assert offload.calls == 1
+    same(got, core.parse(data))
+    assert got.generated and got.slice_count == 20000
+
+
+async def test_invalid_big_table_names_the_place(offload: Offload) -> None:
+    doc = orjson.loads(big_table().dumps())
+    doc["slices"][2345]["pod"] = "nobody"
+    with pytest.raises(core.AssignmentError, match=r"slices\[2345\]\.pod: unknown pod 'nobody'"):
+        await offload.parse(orjson.dumps(doc))
+    with pytest.raises(core.AssignmentError, match="not valid JSON"):
+        await offload.parse(big_table().dumps()[:-100])
+    assert offload.calls == 2  # the helper answered both with the error
+
+
+async def test_read_file(offload: Offload, tmp_path: Path) -> None:
+    table = big_table()
+    path = tmp_path / "assignment.json"
+    path.write_bytes(table.dumps())
+    same(await offload.read(str(path)), table)
+    assert offload.calls == 1
+    with pytest.raises(FileNotFoundError):
+        await offload.read(str(tmp_path / "missing.json"))
+
+
+async def test_moved_share_matches_inline(offload: Offload) -> None:
+    a = core.generate(5, PODS, 9000)
+    b = big_table(6, 9000)
+    c = core.generate(7, PODS, 12000)  # other slice boundaries
+    for old, new in ((a, b), (b, c), (c, a)):
+        assert await offload.moved_share(old, new) == core.moved_share(old, new)
+    assert offload.calls == 3
+    assert 0 < core.moved_share(a, b) < 1
+
+
+async def test_dead_helper_is_replaced(offload: Offload) -> None:
+    data = big_table().dumps()
+    await offload.parse(data)
+    first = helper_pid(offload)
+    os.kill(first, signal.SIGKILL)
+    offload._proc.join(5)  # type: ignore[union-attr]
+    # The call that finds it dead gets a new helper; the table is the same.
+    same(await offload.parse(data), core.parse(data))
+    assert helper_pid(offload) != first
+    assert offload.calls == 2
+
+
+async def test_closed_offload_stops_the_helper(tmp_path: Path) -> None:
+    off = Offload()
+    await off.parse(big_table().dumps())
+    proc = off._proc
+    assert proc is not None and proc.is_alive()
+    off.close()
+    assert off._proc is None
+    with pytest.raises(OSError, match="closed"):
+        await off.parse(big_table().dumps())
+
+
+def test_pickled_table_keeps_its_columns() -> None:
+    table = big_table()
+    table.lookup(b"warm")  # a built route is not part of the pickle
+    back = pickle.loads(pickle.dumps(table))
+    same(back, table)
+    assert back.same_slices(table)
+    assert len(pickle.dumps(table)) < 40 * table.slice_count
+
+
+def _die_in_helper(parent: int) -> str:
+    if os.getpid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "ran in the proxy's process"
+
+
+async def test_helper_dying_mid_call_falls_back_to_a_thread(offload: Offload) -> None:
+    assert await offload.run(_die_in_helper, os.getpid()) == "ran in the proxy's process"
+    assert offload.fallbacks == 1
+    # and the next big table gets a new helper
+    data = big_table().dumps()
+    same(await offload.parse(data), core.parse(data))
+    assert offload.calls == 1
