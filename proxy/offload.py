@@ -6,13 +6,16 @@ would hold the GIL and set off full garbage collections that stop the event
 loop for tens of milliseconds at a time. So big tables are parsed (and
 compared, for the reload log) in one helper process per proxy worker:
 
-* the helper is started with ``spawn`` on first use and kept; it runs at the
-  lowest CPU priority (``SCHED_IDLE``, else nice 19), so on a busy core it
-  takes only the time the proxy leaves idle;
+* the helper (``python -m proxy.offload``) is started on first use and kept;
+  it runs at the lowest CPU priority (``SCHED_IDLE``, else nice 19), so on a
+  busy core it takes only the time the proxy leaves idle. It is a fresh
+  interpreter that imports only this module: unlike ``multiprocessing``'s
+  spawn, it never re-runs the embedding program's main module;
 * it returns an ``Assignment`` as flat columns (see ``Assignment.__reduce__``):
   unpickling one is a few memory copies, with no per-slice objects;
-* calls go one at a time over a pipe, from a thread of the default executor
-  that waits on the pipe without the GIL;
+* calls go one at a time over a socket pair (pickled, framed by
+  ``multiprocessing.connection``), from a thread of the default executor
+  that waits on the socket without the GIL;
 * if the helper dies, the call that saw it falls back to a thread, and the
   next call starts a new helper.
 
@@ -24,12 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
@@ -84,7 +90,7 @@ class Offload:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._closed = False
         self.calls = 0  # calls answered by the helper
@@ -143,14 +149,19 @@ class Offload:
     def _connect(self) -> Connection:
         if self._closed:
             raise OSError("offload is closed")
-        if self._conn is None or self._proc is None or not self._proc.is_alive():
+        if self._conn is None or self._proc is None or self._proc.poll() is not None:
             self._stop()
-            ctx = multiprocessing.get_context("spawn")
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_helper, args=(child,), name="keyroute-tables", daemon=True)
-            proc.start()
-            child.close()
-            self._proc, self._conn = proc, parent
+            ours, theirs = socket.socketpair()
+            with ours, theirs:
+                fd = theirs.fileno()
+                env = dict(os.environ)
+                # The helper imports this package from where the proxy did.
+                root = str(Path(__file__).resolve().parent.parent)
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", __name__, str(fd)], pass_fds=[fd], stdin=subprocess.DEVNULL, env=env
+                )
+                self._conn = Connection(ours.detach())
         return self._conn
 
     def _stop(self) -> None:
@@ -160,8 +171,7 @@ class Offload:
             conn.close()
         if proc is not None:
             proc.kill()
-            proc.join(5)
-            proc.close()
+            proc.wait(5)
 
     def close(self) -> None:
         """Stop the helper. Safe to call more than once; calls after it fail."""
@@ -183,3 +193,7 @@ def _expands(doc: Any) -> bool:
     if not isinstance(count, int) or not isinstance(pods, dict):
         return False  # invalid: from_json names the problem
     return count * len(pods) > INLINE_GENERATE
+
+
+if __name__ == "__main__":
+    _helper(Connection(int(sys.argv[1])))

@@ -1371,7 +1371,6 @@ def main(settings: Settings) -> int:
 
     check_accelerators()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # one line per file event otherwise
     try:
         assignment = sources.load_initial(settings.assignment.source)
     except sources.SourceError as exc:

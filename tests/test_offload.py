@@ -110,7 +110,7 @@ async def test_dead_helper_is_replaced(offload: Offload) -> None:
     await offload.parse(data)
     first = helper_pid(offload)
     os.kill(first, signal.SIGKILL)
-    offload._proc.join(5)  # type: ignore[union-attr]
+    offload._proc.wait(5)  # type: ignore[union-attr]
     # The call that finds it dead gets a new helper; the table is the same.
     same(await offload.parse(data), core.parse(data))
     assert helper_pid(offload) != first
@@ -121,9 +121,10 @@ async def test_closed_offload_stops_the_helper(tmp_path: Path) -> None:
     off = Offload()
     await off.parse(big_table().dumps())
     proc = off._proc
-    assert proc is not None and proc.is_alive()
+    assert proc is not None and proc.poll() is None
     off.close()
     assert off._proc is None
+    assert proc.poll() == -signal.SIGKILL
     with pytest.raises(OSError, match="closed"):
         await off.parse(big_table().dumps())
 

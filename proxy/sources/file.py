@@ -3,8 +3,9 @@
 Reacts to in-place writes, atomic renames (write a temp file, then ``mv``) and
 the Kubernetes ConfigMap symlink swap (``..data`` -> a new timestamped folder):
 all three change the identity (device, inode, size, mtime) of the file that
-PATH resolves to. inotify (through watchfiles) wakes the watcher once the
-folder has been quiet for ``step`` (5 ms); the identity is also checked every
+PATH resolves to. inotify (through inotify_simple, on the event loop: no
+thread, no timer while nothing happens) wakes the watcher once the folder has
+been quiet for ``step`` (2 ms); the identity is also checked every
 ``poll_interval`` in case events are lost, and ``watch = "poll"`` uses only
 that, then waits for the identity to hold still for ``debounce``.
 
@@ -16,14 +17,20 @@ files are read and parsed in the helper process of ``proxy.offload``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 from ..assignment import Assignment, AssignmentError
 from ..offload import Offload
 from . import Failure, SourceError
 
 Identity = tuple[int, int, int, int]
+# inotify events on a watched folder that can change the file PATH resolves
+# to (IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO,
+# IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF).
+_EVENTS = 0x002 | 0x004 | 0x008 | 0x040 | 0x080 | 0x100 | 0x200 | 0x400 | 0x800
 
 
 def identity(path: str) -> Identity | None:
@@ -45,7 +52,7 @@ class FileSource:
         watch: str = "auto",
         poll_interval: float = 1.0,
         debounce: float = 0.02,
-        step: float = 0.005,
+        step: float = 0.002,
         offload: Offload | None = None,
     ) -> None:
         self.path = path
@@ -108,7 +115,7 @@ class FileSource:
         if ident is None or ident == self.seen:
             return None
         if self.watch == "poll" and self.debounce:
-            # Let a burst of writes settle (watchfiles does this for events):
+            # Let a burst of writes settle (the inotify watch does this itself):
             # read once the file has held still for ``debounce``, or after 1 s.
             for _ in range(max(1, int(1.0 / self.debounce))):
                 await asyncio.sleep(self.debounce)
@@ -122,25 +129,53 @@ class FileSource:
         return await self._read()
 
     async def _ticks(self) -> AsyncGenerator[None, None]:
+        """One tick per settled burst of changes in the watched folders, and
+        one every ``poll_interval`` in any case."""
         if self.watch == "poll":
             while True:
                 await asyncio.sleep(self.poll_interval)
                 yield None
         try:
-            import watchfiles
-        except ImportError as exc:  # pragma: no cover - watchfiles is a dependency
-            raise SourceError(f'assignment.watch = auto needs watchfiles ({exc}); set watch = "poll"') from None
-        folders = {os.path.dirname(os.path.abspath(self.path))}
-        real = os.path.dirname(os.path.realpath(self.path))
-        if os.path.isdir(real):
-            folders.add(real)
-        async for _ in watchfiles.awatch(
-            *folders,
-            watch_filter=None,
-            debounce=max(int(self.debounce * 1000), 1),
-            step=max(int(self.step * 1000), 1),
-            recursive=False,
-            rust_timeout=int(self.poll_interval * 1000),
-            yield_on_timeout=True,
-        ):
-            yield None
+            from inotify_simple import INotify
+        except (ImportError, OSError) as exc:  # inotify is Linux-only
+            raise SourceError(f'assignment.watch = auto needs inotify ({exc}); set watch = "poll"') from None
+        loop = asyncio.get_running_loop()
+        woke = asyncio.Event()
+        with INotify(nonblocking=True) as ino:
+            watches: dict[str, int] = {}
+
+            def on_events() -> None:
+                ino.read(timeout=0)
+                woke.set()
+
+            loop.add_reader(ino.fileno(), on_events)
+            try:
+                while True:
+                    self._rewatch(ino, watches)
+                    try:
+                        await asyncio.wait_for(woke.wait(), self.poll_interval)
+                    except TimeoutError:
+                        yield None
+                        continue
+                    # Let a burst of events settle: ``step`` without one, at
+                    # most ``debounce`` in all.
+                    settle = loop.time() + self.debounce
+                    while woke.is_set() and loop.time() < settle:
+                        woke.clear()
+                        await asyncio.sleep(self.step)
+                    woke.clear()
+                    yield None
+            finally:
+                loop.remove_reader(ino.fileno())
+
+    def _rewatch(self, ino: Any, watches: dict[str, int]) -> None:
+        """Watch the folder of PATH and the folder of the file it resolves to
+        now (a ConfigMap swap changes the latter)."""
+        want = {os.path.dirname(os.path.abspath(self.path)), os.path.dirname(os.path.realpath(self.path))}
+        for folder in set(watches) - want:
+            wd = watches.pop(folder)
+            with contextlib.suppress(OSError):  # already gone with its folder
+                ino.rm_watch(wd)
+        for folder in want - set(watches):
+            with contextlib.suppress(OSError):  # not there (yet): the poll covers it
+                watches[folder] = ino.add_watch(folder, _EVENTS)
