@@ -27,6 +27,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -644,6 +645,25 @@ def rank(pods: Iterable[Pod], point: int) -> list[Pod]:
     return sorted(pods, key=lambda p: (p.active, score(p, point)), reverse=True)
 
 
+def _unit_scores(pod_id: str, count: int) -> array[float]:
+    """``score`` of a pod of weight 1 at each of ``count`` equal slice starts."""
+    prefix, h64, log = pod_id.encode() + b"\x00", mmh3.hash64, math.log
+    return array(
+        "d",
+        [
+            -1.0 / log((h64(prefix + start.to_bytes(8, "big"), 0, signed=False)[0] + 0.5) / KEY_SPACE)
+            for start in slice_starts(count)
+        ],
+    )
+
+
+# Tables are regenerated with the same pods and slice count again and again
+# (weights and states change): the hashing part is kept per pod id, for up
+# to 128 pods of tables up to 16384 slices (at most 16 MiB).
+_cached_unit_scores = lru_cache(maxsize=128)(_unit_scores)
+_CACHED_SLICE_COUNT = 16384
+
+
 def generate(generation: int, pods: Mapping[str, Pod], slice_count: int = DEFAULT_SLICE_COUNT) -> Assignment:
     """A pods-only table: ``slice_count`` equal slices, each owned by the active
     pod with the highest rendezvous score; the next pods are its backups."""
@@ -651,23 +671,23 @@ def generate(generation: int, pods: Mapping[str, Pod], slice_count: int = DEFAUL
         raise AssignmentError("pods: no active pod to own the generated slices (all are draining)")
     values = list(pods.values())
     ids = [p.id for p in values]
-    # ``rank`` for every slice start, with the per-pod parts of ``score``
-    # hoisted out of the loop: the same keys, so the same order.
-    per_pod = [(p.id.encode() + b"\x00", p.weight, p.active) for p in values]
+    unit = _cached_unit_scores if slice_count <= _CACHED_SLICE_COUNT else _unit_scores
+    # ``rank`` for every slice start, one column per pod: ``score`` is
+    # weight x unit score, and a draining pod's key -1/score is below every
+    # active pod's score yet keeps the draining pods in score order.
+    columns = []
+    for p in values:
+        w = p.weight
+        u = unit(p.id, slice_count)
+        columns.append([w * x for x in u] if p.active else [-1.0 / (w * x) for x in u])
     pod_range = range(len(values))
-    h64, log = mmh3.hash64, math.log
-    starts = slice_starts(slice_count)
     owners: list[Pod] = []
     backups: list[tuple[str, ...]] = []
-    for start in starts:
-        point = start.to_bytes(8, "big")
-        keys = [
-            (active, -weight / log((h64(prefix + point, 0, signed=False)[0] + 0.5) / KEY_SPACE))
-            for prefix, weight, active in per_pod
-        ]
+    for keys in zip(*columns, strict=True):
         order = sorted(pod_range, key=keys.__getitem__, reverse=True)
         owners.append(values[order[0]])
         backups.append(tuple([ids[k] for k in order[1 : 1 + GENERATED_BACKUPS]]))
+    starts = slice_starts(slice_count)
     return Assignment(generation, pods, starts, owners, [generation] * slice_count, backups, generated=True)
 
 
