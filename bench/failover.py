@@ -60,13 +60,9 @@ temp dir, removed at exit unless ``--keep``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import http.client
-import json
-import math
 import os
 import random
-import shutil
 import signal
 import statistics
 import subprocess
@@ -80,9 +76,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import peers
+import common
+from common import LOAD_CORE, PROXY_CORE, Proxy, nearest_rank
 
-PROXY_CORE, LOAD_CORE = peers.PROXY_CORE, peers.LOAD_CORE
 FAILOVER_WAIT = 15.0  # seconds: a cycle with no failover by then is recorded as "none"
 BACK_WAIT = 30.0  # seconds: a key that does not come back by then is recorded as such
 WARM_ANSWERS = 50
@@ -115,53 +111,14 @@ async def main():
 asyncio.run(main())
 """
 
-HAPROXY_CFG = """\
-global
-    nbthread 1
-    maxconn 8000
-    pidfile {dir}/haproxy.pid
-
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    timeout http-keep-alive 60s
-    option http-keep-alive
-    option forwardfor
-
-frontend fe
-    bind 127.0.0.1:{port} backlog 4096
-    default_backend pods
-
-backend pods
-    balance hdr(X-Routing-Key)
-    hash-type consistent
-    http-reuse always
+# A dead server is retried on the next one; haproxy+hc adds active checks.
+HAPROXY_BACKEND = """\
     option redispatch
     retries 2
     retry-on conn-failure empty-response response-timeout
-{check}{servers}
 """
-
-NGINX_PROXY_HTTP = """\
-    upstream pods {{
-        hash $http_x_routing_key consistent;
-{servers}
-        keepalive 256;
-        keepalive_requests 10000000;
-        keepalive_timeout 120s;
-    }}
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{
-            proxy_pass http://pods;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $http_host;
+NGINX_LOCATION = """\
             proxy_next_upstream error timeout http_502 http_503;
-        }}
-    }}
 """
 
 # ---------------------------------------------------------------- pods
@@ -177,15 +134,15 @@ class PodProc:
 
     def start(self) -> None:
         for _ in range(100):
-            self.proc = peers.start([sys.executable, str(self.script), self.name, str(self.port)], self.log, LOAD_CORE)
+            self.proc = common.start([sys.executable, str(self.script), self.name, str(self.port)], self.log, LOAD_CORE)
             try:
-                peers.wait_port(self.port, self.proc, self.log, timeout=10)
+                common.wait_port(self.port, self.proc, self.log, timeout=10)
                 return
             except RuntimeError:
                 if self.proc.poll() is None:
                     raise
                 time.sleep(0.05)  # could not bind yet: again
-        raise RuntimeError(f"pod {self.name} cannot listen on {self.port}:\n{peers.tail(self.log)}")
+        raise RuntimeError(f"pod {self.name} cannot listen on {self.port}:\n{common.tail(self.log)}")
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -199,7 +156,7 @@ def start_pods(tmp: Path, n: int = 4) -> dict[str, PodProc]:
     script.write_text(POD)
     pods = {}
     for i in range(n):
-        pod = PodProc(f"p{i}", peers.free_port(), script, tmp / f"pod-p{i}.log")
+        pod = PodProc(f"p{i}", common.free_port(), script, tmp / f"pod-p{i}.log")
         pod.start()
         pods[pod.name] = pod
     return pods
@@ -208,91 +165,37 @@ def start_pods(tmp: Path, n: int = 4) -> dict[str, PodProc]:
 # ---------------------------------------------------------------- proxies
 
 
-def start_keyroute(tmp: Path, pods: dict[str, PodProc], name: str, health: bool) -> peers.Proxy:
+def start_keyroute(tmp: Path, pods: dict[str, PodProc], name: str, health: bool) -> Proxy:
     d = tmp / name
     d.mkdir()
-    table = {"version": 1, "generation": 1, "pods": {n: {"url": f"http://127.0.0.1:{p.port}"} for n, p in pods.items()}}
-    (d / "table.json").write_text(json.dumps(table))
-    port, admin = peers.free_port(), peers.free_port()
+    (d / "table.json").write_text(common.pods_table({n: p.port for n, p in pods.items()}))
+    port, admin = common.free_port(), common.free_port()
     config = d / "keyroute.toml"
-    toml = (
-        f'[proxy]\nlisten = "127.0.0.1:{port}"\n'
-        f'[admin]\nlisten = "127.0.0.1:{admin}"\n'
-        f'[assignment]\nsource = "file:{d / "table.json"}"\n'
-    )
+    toml = common.keyroute_toml(port, admin, f"file:{d / 'table.json'}")
     if health:
         toml += '[upstream]\nhealth_path = "/health"\nhealth_interval = "1s"\n'
     config.write_text(toml)
-    log = d / "stderr.log"
-    p = peers.start([*peers.keyroute_exe(), "run", "--config", str(config)], log, PROXY_CORE)
-    peers.wait_port(port, p, log)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            if peers.get(admin, "/-/readyz", {})[0] == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(0.05)
-    return peers.Proxy(name, port, p, log)
+    return common.start_keyroute(name, ["--config", str(config)], port, admin, d / "stderr.log")
 
 
-def start_haproxy(tmp: Path, pods: dict[str, PodProc], name: str, health: bool) -> peers.Proxy:
-    d = tmp / name
-    d.mkdir()
-    port = peers.free_port()
+def start_haproxy(tmp: Path, pods: dict[str, PodProc], name: str, health: bool) -> Proxy:
     suffix = " check inter 1s" if health else ""
     servers = "\n".join(f"    server {n} 127.0.0.1:{p.port}{suffix}" for n, p in pods.items())
     check = "    option httpchk GET /health\n" if health else ""
-    cfg = d / "haproxy.cfg"
-    cfg.write_text(HAPROXY_CFG.format(dir=d, port=port, servers=servers, check=check))
-    log = d / "stderr.log"
-    chk = subprocess.run([peers.exe("haproxy"), "-c", "-q", "-f", str(cfg)], capture_output=True, text=True)
-    if chk.returncode != 0:
-        raise RuntimeError(f"haproxy config check failed:\n{chk.stdout}{chk.stderr}")
-    p = peers.start([peers.exe("haproxy"), "-db", "-f", str(cfg)], log, PROXY_CORE)
-    peers.wait_port(port, p, log)
-    return peers.Proxy(name, port, p, log)
+    return common.start_haproxy(tmp / name, name, HAPROXY_BACKEND + check + servers, connect="2s")
 
 
-def start_nginx(tmp: Path, pods: dict[str, PodProc], name: str, health: bool) -> peers.Proxy:
-    d = peers.nginx_dir(tmp, name)
-    port = peers.free_port()
-    servers = "\n".join(f"        server 127.0.0.1:{p.port};" for p in pods.values())
-    text = (
-        peers.NGINX_COMMON.format(dir=d)
-        + "http {\n"
-        + peers.NGINX_HTTP_COMMON.format(dir=d)
-        + NGINX_PROXY_HTTP.format(servers=servers, port=port)
-        + "}\n"
-    )
-    p = peers.start_nginx(d, text, PROXY_CORE)
-    peers.wait_port(port, p, d / "stderr.log")
-    return peers.Proxy(name, port, p, d / "stderr.log")
+def start_nginx(tmp: Path, pods: dict[str, PodProc], name: str, health: bool) -> Proxy:
+    return common.start_nginx_proxy(tmp / name, name, (p.port for p in pods.values()), NGINX_LOCATION)
 
 
-SETUPS: dict[str, tuple[Callable[[Path, dict[str, PodProc], str, bool], peers.Proxy], bool]] = {
+SETUPS: dict[str, tuple[Callable[[Path, dict[str, PodProc], str, bool], Proxy], bool]] = {
     "keyroute": (start_keyroute, False),
     "keyroute+hc": (start_keyroute, True),
     "haproxy": (start_haproxy, False),
     "haproxy+hc": (start_haproxy, True),
     "nginx": (start_nginx, False),
 }
-
-
-def stop_proxy(px: peers.Proxy) -> None:
-    """Stop one proxy's process group (SIGTERM, then SIGKILL)."""
-    try:
-        os.killpg(px.proc.pid, signal.SIGTERM)
-        px.proc.wait(5)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(px.proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    if px.proc.poll() is None:
-        px.proc.wait(2)
 
 
 # ---------------------------------------------------------------- the client
@@ -375,13 +278,13 @@ class Cycle:
     dead_max_ms: float | None = None
 
 
-def cycle(px: peers.Proxy, pods: dict[str, PodProc], key: str, dead: float, log: Callable[[str], None]) -> Cycle:
+def cycle(px: Proxy, pods: dict[str, PodProc], key: str, dead: float, log: Callable[[str], None]) -> Cycle:
     client = Client(px.port, key)
     client.start()
     try:
         first, _ = client.wait(lambda e: e.status == 200 and e.pod is not None, 0, 10)
         if first is None:
-            raise RuntimeError(f"{px.name}: no answer for key {key}:\n{peers.tail(px.log)}")
+            raise RuntimeError(f"{px.name}: no answer for key {key}:\n{common.tail(px.log)}")
         victim = first.pod
         assert victim is not None
         # WARM_ANSWERS answers from the owner, then a random moment.
@@ -445,11 +348,6 @@ def cycle(px: peers.Proxy, pods: dict[str, PodProc], key: str, dead: float, log:
 
 
 # ---------------------------------------------------------------- report
-
-
-def nearest_rank(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[max(0, math.ceil(q * len(s)) - 1)]
 
 
 def summary(name: str, cycles: list[Cycle]) -> list[str]:
@@ -529,16 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         print("need at least 2 CPUs (proxy on core 0, pods and client on core 1)", file=sys.stderr)
         return 2
     random.seed(args.seed)
-    peers.ensure_tools()
+    common.ensure_tools("nginx", "haproxy", "wrk", "taskset")
     os.sched_setaffinity(0, {int(LOAD_CORE)})
     tmp = Path(tempfile.mkdtemp(prefix="keyroute-failover-"))
-
-    def on_signal(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    common.interrupt_on_signals()
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -557,22 +449,22 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(2.5)  # let the checks see every pod up first
                 results[name] = [cycle(px, pods, f"key-{i}", args.dead, log) for i in range(args.kills)]
             finally:
-                stop_proxy(px)
+                common.stop(px.proc)
         rows = [summary(n, results[n]) for n in names]
         print()
-        print(peers.text_table(HEAD, rows))
+        print(common.text_table(HEAD, rows))
         log(f"\n(total {time.monotonic() - started:.0f} s)")
         if args.markdown:
-            cmd = "python bench/failover.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+            cmd = common.command("failover.py", argv)
             md = [
                 "## Failover",
                 "",
-                f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-                f"- machine: {peers.machine()}",
-                f"- software: {peers.versions()}",
+                f"- date: {common.timestamp()}",
+                f"- machine: {common.machine()}",
+                f"- software: {common.versions()}",
                 f"- command: `{cmd}`",
                 "",
-                peers.md_table(HEAD, rows),
+                common.md_table(HEAD, rows),
             ]
             text = "\n".join(md) + "\n"
             if args.markdown == "-":
@@ -585,11 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         log("\ninterrupted, stopping everything")
         return 130
     finally:
-        peers.stop_all()
-        if args.keep:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        common.finish(tmp, args.keep)
 
 
 if __name__ == "__main__":

@@ -45,20 +45,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import peers
+import common
 
 from proxy import assignment as core
 
@@ -99,7 +97,7 @@ def locust_exe() -> list[str]:
 
 
 def metrics(admin: int) -> dict[str, float]:
-    status, _, body = peers.get(admin, "/metrics", {})
+    status, _, body = common.get(admin, "/metrics", {})
     if status != 200:
         raise RuntimeError(f"keyroute /metrics answered {status}")
     out: dict[str, float] = {}
@@ -115,22 +113,15 @@ def summed(samples: dict[str, float], family: str) -> float:
 
 
 def pod_stats(port: int) -> dict[str, Any]:
-    status, _, body = peers.get(port, "/stats", {})
+    status, _, body = common.get(port, "/stats", {})
     if status != 200:
         raise RuntimeError(f"pod on {port}: /stats answered {status}")
     return dict(json.loads(body))
 
 
-def wait_until(what: str, pred: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"timed out waiting for {what}")
+def wait_until(what: str, pred: Callable[[], bool], timeout: float = 15.0) -> None:
+    if not common.wait_until(pred, timeout):
+        raise RuntimeError(f"timed out waiting for {what}")
 
 
 def run_phase(tmp: Path, phase: Phase, args: argparse.Namespace, log: Any) -> Phase:
@@ -138,7 +129,7 @@ def run_phase(tmp: Path, phase: Phase, args: argparse.Namespace, log: Any) -> Ph
     (d / "table").mkdir(parents=True)  # its own folder: store writes do not wake the table watchers
     (d / "store").mkdir()
     table_path = d / "table" / "table.json"
-    ports = {f"pod-{chr(ord('a') + i)}": peers.free_port() for i in range(args.pods)}
+    ports = {f"pod-{chr(ord('a') + i)}": common.free_port() for i in range(args.pods)}
     specs = [(pid, f"http://127.0.0.1:{port}", 1.0, "active") for pid, port in ports.items()]
     table = core.generate(int(time.time() * 1000), core.make_pods(specs), args.slices)
     table_path.write_bytes(table.dumps(explicit=False))
@@ -147,29 +138,24 @@ def run_phase(tmp: Path, phase: Phase, args: argparse.Namespace, log: Any) -> Ph
         plog = d / f"{pid}.log"
         cmd = [sys.executable, str(HERE / "pod.py"), "--id", pid, "--listen", f"127.0.0.1:{port}",
                "--store", str(d / "store" / "fleet.sqlite"), "--table", f"file:{table_path}"]  # fmt: skip
-        p = peers.start(cmd, plog, ALL_CORES)
-        peers.wait_port(port, p, plog)
+        p = common.start(cmd, plog, ALL_CORES)
+        common.wait_port(port, p, plog)
     for pid, port in ports.items():
         wait_until(f"{pid} to read the table", lambda p=port: pod_stats(p)["generation_latest"] == table.generation)
 
     proxies: list[tuple[int, int, subprocess.Popen[bytes], Path]] = []
     for i in range(phase.proxies):
-        port, admin = peers.free_port(), peers.free_port()
+        port, admin = common.free_port(), common.free_port()
         config = d / f"keyroute-{i}.toml"
-        text = (
-            f'[proxy]\nlisten = "127.0.0.1:{port}"\n[admin]\nlisten = "127.0.0.1:{admin}"\n'
-            f'[assignment]\nsource = "file:{table_path}"\n'
-        )
+        text = common.keyroute_toml(port, admin, f"file:{table_path}")
         if i:
             # A replica that learns of a change up to 1 s late, as replicas whose
             # ConfigMap volumes are refreshed at different moments do.
             text += f'watch = "poll"\npoll_interval = "{args.lag:g}s"\n'
         config.write_text(text)
         klog = d / f"keyroute-{i}.log"
-        kp = peers.start([*peers.keyroute_exe(), "run", "--config", str(config)], klog, ALL_CORES)
-        peers.wait_port(port, kp, klog)
-        wait_until("keyroute to be ready", lambda a=admin: peers.get(a, "/-/readyz", {})[0] == 200)
-        proxies.append((port, admin, kp, klog))
+        kr = common.start_keyroute(f"keyroute-{i}", ["--config", str(config)], port, admin, klog, ALL_CORES, 15)
+        proxies.append((port, admin, kr.proc, klog))
     where = ", ".join(f"127.0.0.1:{p} (admin {a})" for p, a, _, _ in proxies)
     log(f"{phase.name}: {args.pods} pods {ports}, keyroute on {where}")
 
@@ -196,7 +182,7 @@ def run_phase(tmp: Path, phase: Phase, args: argparse.Namespace, log: Any) -> Ph
     if summary.exists():
         phase.affinity = json.loads(summary.read_text())
     else:
-        phase.notes.append(f"locust wrote no affinity summary:\n{peers.tail(llog)}")
+        phase.notes.append(f"locust wrote no affinity summary:\n{common.tail(llog)}")
     for pid, pport in ports.items():
         phase.pods[pid] = pod_stats(pport)
     if phase.affinity and phase.affinity.get("fenced") != phase.pod_sum("writes_refused"):
@@ -210,15 +196,15 @@ def run_phase(tmp: Path, phase: Phase, args: argparse.Namespace, log: Any) -> Ph
         phase.reloads_applied += m.get('keyroute_reloads_total{result="applied"}', 0.0)
         phase.proxy_errors += summed(m, "keyroute_proxy_errors_total")
         if kp.poll() is not None:
-            phase.notes.append(f"keyroute exited with {kp.returncode}:\n{peers.tail(klog)}")
+            phase.notes.append(f"keyroute exited with {kp.returncode}:\n{common.tail(klog)}")
     if phase.locust_rc not in (0, 1):
-        phase.notes.append(f"locust exited with {phase.locust_rc}:\n{peers.tail(llog)}")
+        phase.notes.append(f"locust exited with {phase.locust_rc}:\n{common.tail(llog)}")
     failures_csv = d / "locust_failures.csv"
     if failures_csv.exists():
         rows = list(csv.DictReader(failures_csv.open(newline="")))
         phase.notes += [f"locust failure x{row['Occurrences']}: {row['Method']} {row['Name']}: {row['Error']}"
                         for row in rows[:10]]  # fmt: skip
-    peers.stop_all()
+    common.stop_all()
     return phase
 
 
@@ -272,13 +258,13 @@ def locust_version() -> str:
 
 
 def markdown(phases: list[Phase], args: argparse.Namespace, argv: list[str], started: str) -> str:
-    cmd = "python bench/fleet.py" + "".join(f" {a}" for a in argv)
+    cmd = common.command("fleet.py", argv)
     lines = [
         "## Fleet (locust)",
         "",
         f"- date: {started}",
-        f"- machine: {peers.machine()}",
-        f"- software: {peers.keyroute_rev()}; Python {sys.version.split()[0]}; {locust_version()}",
+        f"- machine: {common.machine()}",
+        f"- software: {common.keyroute_rev()}; Python {sys.version.split()[0]}; {locust_version()}",
         f"- command: `{cmd}`",
         f"- setup: {args.pods} reference pods (`bench/pod.py`, aiohttp, one process each, one shared SQLite "
         f"store), `keyroute run` (1 worker, default settings) and locust (1 process, {args.users} "
@@ -297,7 +283,7 @@ def markdown(phases: list[Phase], args: argparse.Namespace, argv: list[str], sta
         "(`/stats` `foreign_keys`); failovers = `keyroute_failovers_total`; reloads = "
         '`keyroute_reloads_total{result="applied"}` (the first table is not a reload).',
         "",
-        peers.md_table(HEAD, [row(p) for p in phases]),
+        common.md_table(HEAD, [row(p) for p in phases]),
     ]
     for p in phases:
         if p.notes:
@@ -327,29 +313,23 @@ def main(argv: list[str] | None = None) -> int:
         print("locust is not installed: pip install -e '.[bench]'", file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="keyroute-fleet-"))
-
-    def on_signal(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    common.interrupt_on_signals()
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    started = common.timestamp()
     phases: list[Phase] = []
     try:
         for name in names:
             rewrite, proxies = PHASES[name]
             phase = Phase(name, args.duration, args.rewrite_every if rewrite else 0.0, proxies)
             phases.append(run_phase(tmp, phase, args, log))
-            log(peers.text_table(HEAD, [row(phase)]))
+            log(common.text_table(HEAD, [row(phase)]))
             for n in phase.notes:
                 log(f"  {n}")
         print()
-        print(peers.text_table(HEAD, [row(p) for p in phases]))
+        print(common.text_table(HEAD, [row(p) for p in phases]))
         text = markdown(phases, args, argv if argv is not None else sys.argv[1:], started)
         if args.results == "-":
             print("\n" + text)
@@ -365,11 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         log("\ninterrupted, stopping everything")
         return 130
     finally:
-        peers.stop_all()
-        if args.keep:
-            log(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        common.finish(tmp, args.keep)
 
 
 if __name__ == "__main__":

@@ -79,13 +79,10 @@ if there is one) live in one temp dir, removed at exit unless ``--keep``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import http.client
-import math
 import os
 import random
 import re
-import shutil
 import signal
 import statistics
 import subprocess
@@ -97,28 +94,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import common
 import orjson
-import peers
+from common import HZ, LOAD_CORE, PROXY_CORE, Proxy, Run, nearest_rank
 
 from proxy import assignment as core
 
-PROXY_CORE, LOAD_CORE = peers.PROXY_CORE, peers.LOAD_CORE
-HZ = peers.HZ
-
-
 # ---------------------------------------------------------------- helpers
-
-
-def nearest_rank(xs: list[float], pct: float) -> float:
-    s = sorted(xs)
-    return s[max(0, math.ceil(pct / 100 * len(s)) - 1)] if s else float("nan")
 
 
 def summary(xs: list[float]) -> str:
     if not xs:
         return "no samples"
     return (
-        f"p50 {statistics.median(xs):.1f} ms, p99 {nearest_rank(xs, 99):.1f} ms, max {max(xs):.1f} ms, "
+        f"p50 {statistics.median(xs):.1f} ms, p99 {nearest_rank(xs, 0.99):.1f} ms, max {max(xs):.1f} ms, "
         f"min {min(xs):.1f} ms (n={len(xs)})"
     )
 
@@ -135,62 +124,26 @@ def replace_atomically(path: Path, data: bytes | list[bytes]) -> float:
     return t
 
 
-def start_keyroute(d: Path, source: str, name: str) -> tuple[peers.Proxy, int]:
+def start_keyroute(d: Path, source: str, name: str) -> tuple[Proxy, int]:
     """keyroute run on core 0; returns it and its admin port once ready."""
-    port, admin = peers.free_port(), peers.free_port()
-    log = d / f"{name}.log"
-    cmd = [
-        *peers.keyroute_exe(),
-        "run",
-        "--listen",
-        f"127.0.0.1:{port}",
-        "--admin",
-        f"127.0.0.1:{admin}",
-        "--assignment",
-        source,
-    ]
-    p = peers.start(cmd, log, PROXY_CORE)
-    peers.wait_port(port, p, log)
-    peers.wait_port(admin, p, log)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            if peers.get(admin, "/-/readyz", {})[0] == 200:
-                return peers.Proxy(name, port, p, log), admin
-        except OSError:
-            pass
-        if p.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise RuntimeError(f"{name} not ready after 15 s:\n{peers.tail(log)}")
+    port, admin = common.free_port(), common.free_port()
+    flags = common.keyroute_flags(port, admin, source)
+    return common.start_keyroute(name, flags, port, admin, d / f"{name}.log", timeout=15), admin
 
 
-def wait_idle(px: peers.Proxy, timeout: float = 15.0) -> None:
+def wait_idle(px: Proxy, timeout: float = 15.0) -> None:
     """Until keyroute's process tree used no CPU for 0.3 s (startup work such
     as re-reading a big table is over), at most timeout seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        c0 = peers.cpu_ticks(px.pids())
+        c0 = common.cpu_ticks(px.pids())
         time.sleep(0.3)
-        if peers.cpu_ticks(px.pids()) - c0 <= 1:
+        if common.cpu_ticks(px.pids()) - c0 <= 1:
             return
 
 
-def stop(p: subprocess.Popen[Any]) -> None:
-    """Stop one process group started with peers.start (and forget it)."""
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(5)
-    if p in peers._procs:
-        peers._procs.remove(p)
-
-
 def generation_in_force(admin: int) -> int | None:
-    status, _, body = peers.get(admin, "/-/readyz", {})
+    status, _, body = common.get(admin, "/-/readyz", {})
     return orjson.loads(body).get("generation") if status == 200 else None
 
 
@@ -213,7 +166,7 @@ def wait_generation(admin: int, want: int, since: float, timeout: float, out: di
 
 def reloads(admin: int) -> dict[str, int]:
     """keyroute_reloads_total by result, from /metrics."""
-    _, _, body = peers.get(admin, "/metrics", {})
+    _, _, body = common.get(admin, "/metrics", {})
     return {
         m.group(1).decode(): int(float(m.group(2)))
         for m in re.finditer(rb'^keyroute_reloads_total\{result="([^"]+)"\} (\S+)', body, re.M)
@@ -223,7 +176,7 @@ def reloads(admin: int) -> dict[str, int]:
 def problems_in_log(log: Path) -> list[str]:
     """Lines of a keyroute log that are not its normal start/stop/applied-reload lines."""
     out = []
-    for line in peers.tail(log, 100000).splitlines():
+    for line in common.tail(log, 100000).splitlines():
         if '"result":"applied"' in line or '"result": "applied"' in line:
             continue
         if re.search(r"WARNING|ERROR|CRITICAL|Traceback|Error|exception", line):
@@ -325,12 +278,12 @@ def propagation(
     if kind == "file":
         source = f"file:{path}"
     else:
-        st_port = peers.free_port()
+        st_port = common.free_port()
         st_log = d / "serve-table.log"
-        st = peers.start(
-            [*peers.keyroute_exe(), "serve-table", str(path), "--listen", f"127.0.0.1:{st_port}"], st_log, LOAD_CORE
+        st = common.start(
+            [*common.keyroute_exe(), "serve-table", str(path), "--listen", f"127.0.0.1:{st_port}"], st_log, LOAD_CORE
         )
-        peers.wait_port(st_port, st, st_log)
+        common.wait_port(st_port, st, st_log)
         source = f"http://127.0.0.1:{st_port}/"
     px, _ = start_keyroute(d, source, f"keyroute-{kind}")
     wait_idle(px)
@@ -396,9 +349,9 @@ def propagation(
             res.missed.append(f"keyroute exited with {px.proc.returncode}")
     finally:
         client.close()
-        stop(px.proc)
+        common.stop(px.proc, 10)
         if st is not None:
-            stop(st)
+            common.stop(st, 10)
         res.log_problems = problems_in_log(px.log)
         if st_port is not None:
             res.log_problems += ["serve-table: " + x for x in problems_in_log(d / "serve-table.log")]
@@ -435,7 +388,7 @@ def explicit_tables(pods: dict[str, int], slices: int) -> tuple[bytes, bytes, by
 class LoadRun:
     kind: str  # steady | reload
     rnd: int
-    run: peers.Run
+    run: Run
     renames: int = 0
     last_generation: int = 0
     applied: int = 0
@@ -450,51 +403,16 @@ def paced_lua(tmp: Path, pace_ms: int) -> Path:
     """bench/peers.lua plus a ``delay()`` of pace_ms: each connection waits that
     long after a response before its next request (0: no delay, plain peers.lua)."""
     if pace_ms <= 0:
-        return peers.LUA
+        return common.LUA
     lua = tmp / f"paced-{pace_ms}ms.lua"
-    lua.write_text(peers.LUA.read_text() + f"\nfunction delay()\n   return {pace_ms}\nend\n")
+    lua.write_text(common.LUA.read_text() + f"\nfunction delay()\n   return {pace_ms}\nend\n")
     return lua
 
 
-def wrk_cmd(port: int, conns: int, seconds: float, lua: Path) -> list[str]:
-    return [
-        "taskset",
-        "-c",
-        LOAD_CORE,
-        peers.exe("wrk"),
-        "-t1",
-        f"-c{conns}",
-        f"-d{seconds:g}s",
-        "--latency",
-        "--timeout",
-        "5s",
-        "-s",
-        str(lua),
-        f"http://127.0.0.1:{port}/",
-    ]
-
-
-def wrk_popen(port: int, conns: int, seconds: float, lua: Path) -> subprocess.Popen[str]:
-    cmd = wrk_cmd(port, conns, seconds, lua)
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    peers._procs.append(p)
-    return p
-
-
-def wrk_max(out: str) -> float:
-    m = re.search(r"^\s+Latency\s+\S+\s+\S+\s+(\S+)", out, re.M)
-    return peers._ms(m.group(1)) if m else float("nan")
-
-
-def run_wrk(port: int, conns: int, seconds: float, lua: Path) -> str:
-    p = subprocess.run(wrk_cmd(port, conns, seconds, lua), capture_output=True, text=True, timeout=seconds + 30)
-    return p.stdout + p.stderr
-
-
-def quick_wrk(port: int, conns: int, seconds: float, lua: Path = peers.LUA) -> peers.Run:
-    r = peers.Run("keyroute", conns, 0)
-    out = run_wrk(port, conns, seconds, lua)
-    peers.parse_wrk(out, r)
+def quick_wrk(port: int, conns: int, seconds: float, lua: Path = common.LUA) -> Run:
+    r = Run("keyroute", conns, 0)
+    out = common.run_wrk(port, conns, seconds, lua)
+    common.parse_wrk(out, r)
     r.raw = out
     return r
 
@@ -533,7 +451,7 @@ class Reloader:
 def load_run(
     kind: str,
     rnd: int,
-    px: peers.Proxy,
+    px: Proxy,
     admin: int,
     conns: int,
     args: argparse.Namespace,
@@ -544,14 +462,14 @@ def load_run(
     lua: Path,
 ) -> LoadRun:
     if args.warmup > 0:
-        run_wrk(px.port, conns, args.warmup, lua)
+        common.run_wrk(px.port, conns, args.warmup, lua)
     before = reloads(admin)
     pids = px.pids()
-    s0, c0, t0 = peers.core_times(), peers.cpu_ticks(pids), time.monotonic()
+    s0, c0, t0 = common.core_times(), common.cpu_ticks(pids), time.monotonic()
     spy = None
     if args.profile and kind == "reload" and rnd == 1:
         spy = start_profile(px, args.duration, Path(args.profile))
-    p = wrk_popen(px.port, conns, args.duration, lua)
+    p = common.start_piped(common.wrk_cmd(px.port, conns, args.duration, lua))
     start = time.monotonic() + 0.2
     interval = (args.duration - 0.7) / args.reloads
     saved = reloader.generation, reloader.flip
@@ -572,20 +490,22 @@ def load_run(
         os.killpg(p.pid, signal.SIGKILL)
         out, _ = p.communicate()
         out += "\n(wrk killed: did not finish in time)"
-    peers._procs.remove(p)
-    c1, t1, s1 = peers.cpu_ticks(pids), time.monotonic(), peers.core_times()
+    common.forget(p)
+    c1, t1, s1 = common.cpu_ticks(pids), time.monotonic(), common.core_times()
     if spy is not None:
         try:
             spy.wait(30)
         except subprocess.TimeoutExpired:
-            stop(spy)
-    r = peers.Run("keyroute", conns, rnd)
+            common.stop(spy, 10)
+    r = Run("keyroute", conns, rnd)
     r.raw = out
     r.cpu_s, r.wall_s = (c1 - c0) / HZ, t1 - t0
-    r.core0, r.core1 = peers.core_busy(s0, s1, PROXY_CORE), peers.core_busy(s0, s1, LOAD_CORE)
-    peers.parse_wrk(out, r)
+    r.core0, r.core1 = common.core_busy(s0, s1, PROXY_CORE), common.core_busy(s0, s1, LOAD_CORE)
+    common.parse_wrk(out, r)
     r.alive = px.proc.poll() is None
-    lr = LoadRun(kind, rnd, r, renames=n if kind == "reload" else 0, rename_lag_ms=late * 1e3, maxlat=wrk_max(out))
+    lr = LoadRun(
+        kind, rnd, r, renames=n if kind == "reload" else 0, rename_lag_ms=late * 1e3, maxlat=common.wrk_max(out)
+    )
     if kind == "reload" and r.alive:
         want = reloader.generation
         lr.last_generation = want
@@ -597,7 +517,7 @@ def load_run(
             lr.checks.append(
                 f"generation in force {settled.get('last')} != last written {want} 30 s after the last rename"
             )
-        _, _, body = peers.get(admin, "/-/assignment", {})
+        _, _, body = common.get(admin, "/-/assignment", {})
         doc = orjson.loads(body)
         if doc.get("generation") != want:
             lr.checks.append(f"GET /-/assignment: generation {doc.get('generation')}, want {want}")
@@ -607,7 +527,7 @@ def load_run(
         wrong = []
         for i in range(200):
             key = f"key-{i * 37 + 1}"
-            st, h, _ = peers.get(px.port, "/", {"X-Routing-Key": key})
+            st, h, _ = common.get(px.port, "/", {"X-Routing-Key": key})
             owner = table.lookup(key.encode()).pod_id
             if st != 200 or h.get("x-keyroute-pod") != owner or h.get("x-keyroute-generation") != str(want):
                 wrong.append(f"{key}: {st} {h.get('x-keyroute-pod')} gen {h.get('x-keyroute-generation')}, "
@@ -623,16 +543,15 @@ def load_run(
     return lr
 
 
-def start_profile(px: peers.Proxy, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+def start_profile(px: Proxy, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
     """py-spy record (--gil: only the thread holding the GIL is sampled) of
     keyroute for one run, raw collapsed stacks per thread to out."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(spy).exists():
-        print("--profile: py-spy not found (pip install py-spy)", file=sys.stderr)
+    spy = common.py_spy()
+    if spy is None:
         return None
     cmd = [spy, "record", "--pid", str(px.proc.pid), "--gil", "--threads", "--rate", "250",
            "--duration", f"{int(seconds)}", "--format", "raw", "--output", str(out)]  # fmt: skip
-    return peers.start(cmd, out.with_suffix(".log"), LOAD_CORE)
+    return common.start(cmd, out.with_suffix(".log"), LOAD_CORE)
 
 
 def profile_summary(raw: Path, top: int = 12) -> list[str]:
@@ -647,11 +566,11 @@ def profile_summary(raw: Path, top: int = 12) -> list[str]:
         threads[th] = threads.get(th, 0) + int(n)
         total += int(n)
     out = [f"{n / total:.0%} {th}" for th, n in sorted(threads.items(), key=lambda kv: -kv[1])] if total else []
-    out += [f"{share:.1%} {frame}" for frame, _, share in peers.self_time(raw, top)]
+    out += [f"{share:.1%} {frame}" for frame, _, share in common.self_time(raw, top)]
     return out
 
 
-def idle_reloads(px: peers.Proxy, reloader: Reloader, count: int) -> tuple[list[float], list[float], list[str]]:
+def idle_reloads(px: Proxy, reloader: Reloader, count: int) -> tuple[list[float], list[float], list[str]]:
     """One reload at a time on an otherwise idle keyroute, a client loop
     running: (rename -> first response with it, slowest request from the
     rename to 0.5 s after that) in ms per reload, and problems."""
@@ -765,12 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     if (os.cpu_count() or 1) < 2:
         print("need at least 2 CPUs (proxy on core 0, load on core 1)", file=sys.stderr)
         return 2
-    if shutil.which("wrk") is None or not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()):
-        print("installing nginx wrk with apt-get", file=sys.stderr)
-        sudo = [] if os.geteuid() == 0 else ["sudo"]
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        subprocess.run([*sudo, "apt-get", "update"], check=True, env=env)
-        subprocess.run([*sudo, "apt-get", "install", "-y", "nginx", "wrk"], check=True, env=env)
+    common.ensure_tools("nginx", "wrk")
 
     shm = Path("/dev/shm")
     tmp = Path(
@@ -781,21 +695,15 @@ def main(argv: list[str] | None = None) -> int:
     t_begin = time.monotonic()
     deadline = t_begin + args.timeout
 
-    def on_signal(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    signal.signal(signal.SIGALRM, on_signal)
+    common.interrupt_on_signals(signal.SIGALRM)
     signal.alarm(int(args.timeout) + 60)  # hard stop if a step hangs past its own bounds
     failures: list[str] = []
     md: list[str] = []
     try:
-        started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+        started = common.timestamp()
         props: list[Propagation] = []
         if "propagation" in parts:
-            pods3 = peers.start_pods(tmp, 3)
+            pods3 = common.start_pods(tmp, 3)
             print(f"pods (nginx, core {LOAD_CORE}): {pods3}", file=sys.stderr)
             for kind in ("file", "long-poll"):
                 print(f"propagation via {kind}: {args.changes} changes", file=sys.stderr)
@@ -810,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
                 for m in pr.missed + pr.log_problems:
                     print(f"  PROBLEM: {m}", file=sys.stderr)
                     failures.append(f"propagation {kind}: {m}")
-            peers.stop_all()
+            common.stop_all()
 
         runs: list[LoadRun] = []
         idle: tuple[list[float], list[float], list[str]] = ([], [], [])
@@ -821,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
             d = tmp / "load"
             (d / "watched").mkdir(parents=True)
             (d / "unwatched").mkdir()
-            pods4 = peers.start_pods(d, 4)
+            pods4 = common.start_pods(d, 4)
             t = time.monotonic()
             bodies = explicit_tables(pods4, args.slices)
             gen0 = int(time.time() * 1000)
@@ -843,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"idle reloads, slowest request: {summary(idle[1])}", file=sys.stderr)
             failures += [f"load: {x}" for x in idle[2]]
             lua = paced_lua(tmp, args.pace)
-            run_wrk(px.port, 64, 1, peers.LUA)
+            common.run_wrk(px.port, 64, 1)
             capr = quick_wrk(px.port, 64, 5)
             cap = capr.rps
             print(f"capacity: wrk -c64 5 s: {cap:,.0f} req/s (p99 {capr.p99:.2f} ms, non-2xx {capr.non2xx})",
@@ -873,23 +781,23 @@ def main(argv: list[str] | None = None) -> int:
                         failures.append(
                             f"load round {rnd} {kind}: non-2xx {r.non2xx}, socket errors {r.sock}, alive {r.alive}, "
                             f"refused reloads {lr.refused}, checks {bad}\n--- wrk:\n{r.raw}\n--- keyroute log tail:\n"
-                            f"{peers.tail(px.log)}"
+                            f"{common.tail(px.log)}"
                         )
             lp = problems_in_log(px.log)
             if lp:
                 failures.append(f"load: keyroute log: {lp[:10]}")
             if px.proc.poll() is not None:
-                failures.append(f"load: keyroute exited with {px.proc.returncode}:\n{peers.tail(px.log)}")
+                failures.append(f"load: keyroute exited with {px.proc.returncode}:\n{common.tail(px.log)}")
 
         # ------------------------------------------------------------ report
-        cmd = "python bench/reload.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+        cmd = common.command("reload.py", argv)
         md = [
             "## Hot reload",
             "",
             f"- date: {started}",
-            f"- machine: {peers.machine()}",
-            f"- software: {peers.keyroute_rev()}; Python {sys.version.split()[0]}; "
-            f"{subprocess.run([peers.exe('wrk'), '-v'], capture_output=True, text=True).stdout.splitlines()[0]}",
+            f"- machine: {common.machine()}",
+            f"- software: {common.keyroute_rev()}; Python {sys.version.split()[0]}; "
+            f"{subprocess.run([common.exe('wrk'), '-v'], capture_output=True, text=True).stdout.splitlines()[0]}",
             f"- command: `{cmd}`",
             f"- setup: keyroute (`keyroute run`, 1 worker) alone on core 0 (`taskset -c 0`); nginx pods, wrk, "
             f"`keyroute serve-table` and the script share core 1; table files in "
@@ -907,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
             for pr in props:
                 tot = [s.total for s in pr.samples]
                 target = 100.0 if pr.source.startswith("file:") else 50.0
-                met = bool(tot) and nearest_rank(tot, 99) < target and not pr.missed
+                met = bool(tot) and nearest_rank(tot, 0.99) < target and not pr.missed
                 rows = [("rename -> proxy answers with it", tot, f"p99 < {target:g} ms", "yes" if met else "**no**")]
                 if not pr.source.startswith("file:"):
                     up = [s.upstream for s in pr.samples if s.upstream is not None]
@@ -922,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
                         md.append(f"| {name} | {label} | - | - | - | - | 0 | {tg} | {ok} |")
                         continue
                     md.append(
-                        f"| {name} | {label} | {statistics.median(xs):.1f} | {nearest_rank(xs, 99):.1f} | "
+                        f"| {name} | {label} | {statistics.median(xs):.1f} | {nearest_rank(xs, 0.99):.1f} | "
                         f"{max(xs):.1f} | {min(xs):.1f} | {len(xs)} | {tg} | {ok} |"
                     )
                 reqs = [s.requests for s in pr.samples]
@@ -1017,11 +925,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         signal.alarm(0)
-        peers.stop_all()
-        if args.keep:
-            print(f"kept {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        common.finish(tmp, args.keep)
 
 
 if __name__ == "__main__":
