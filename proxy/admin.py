@@ -17,11 +17,14 @@ from aiohttp import web
 
 from . import assignment as core
 from .server import Runtime
+from .sources.http import read_body
 
 log = logging.getLogger("keyroute.admin")
 
 RUNTIME = web.AppKey("runtime", Runtime)
 MAX_PUT_BYTES = 64 << 20
+# Tables up to this many slices are rendered on the event loop (a few ms).
+INLINE_RENDER_SLICES = 4096
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -44,19 +47,43 @@ async def readyz(request: web.Request) -> web.Response:
     return _json({"ready": True, "generation": rt.table.generation})
 
 
+class Rendered:
+    """The JSON of the table in force, made once per table: for a big table
+    in the helper process, so that monitoring ``/-/assignment`` does not
+    stall the event loop (a 100k-slice table is ~10 MB of JSON)."""
+
+    def __init__(self) -> None:
+        self.table: core.Assignment | None = None
+        self.body = b""
+
+    async def of(self, rt: Runtime, table: core.Assignment) -> bytes:
+        if self.table is not table:
+            if table.slice_count <= INLINE_RENDER_SLICES:
+                body = table.render()
+            else:
+                body = await rt.offload.run(core.Assignment.render, table)
+            self.table, self.body = table, body
+        return self.body
+
+
+RENDERED = web.AppKey("rendered", Rendered)
+
+
 async def get_assignment(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     table = rt.table
-    return _json(
-        {
-            "generation": table.generation if table else None,
-            "source": rt.settings.assignment.source,
-            "loaded_at": rt.table_loaded_at,
-            "last_error": rt.last_reload_error,
-            "shares": table.assignment.shares() if table else None,
-            "table": table.assignment.to_json(explicit=not table.assignment.generated) if table else None,
-        }
-    )
+    head = {
+        "generation": table.generation if table else None,
+        "source": rt.settings.assignment.source,
+        "loaded_at": rt.table_loaded_at,
+        "last_error": rt.last_reload_error,
+    }
+    if table is None:
+        return _json({**head, "shares": None, "table": None})
+    rendered = await request.app[RENDERED].of(rt, table.assignment)
+    # Both are JSON objects: splice the rendered members into the head.
+    body = orjson.dumps(head)[:-1] + b"," + rendered[1:]
+    return web.Response(body=body, content_type="application/json")
 
 
 async def lookup(request: web.Request) -> web.Response:
@@ -101,8 +128,10 @@ async def put_assignment(request: web.Request) -> web.Response:
         return _error(401, "unauthorized", "a valid 'Authorization: Bearer <admin.token>' is required", rt)
     if request.content_length is not None and request.content_length > MAX_PUT_BYTES:
         return _error(413, "body_too_large", f"tables above {MAX_PUT_BYTES} bytes are refused", rt)
-    data = await request.content.read(MAX_PUT_BYTES + 1)
-    if len(data) > MAX_PUT_BYTES:
+    # The whole body (``content.read(n)`` returns what is buffered: for a big
+    # table, a first piece only).
+    data = await read_body(request.content, MAX_PUT_BYTES)
+    if data is None:
         return _error(413, "body_too_large", f"tables above {MAX_PUT_BYTES} bytes are refused", rt)
     try:
         table = await rt.offload.parse(data)
@@ -123,6 +152,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def make_app(rt: Runtime) -> web.Application:
     app = web.Application(client_max_size=MAX_PUT_BYTES)
+    app[RENDERED] = Rendered()
     app[RUNTIME] = rt
     app.router.add_get("/-/healthz", healthz)
     app.router.add_get("/-/readyz", readyz)

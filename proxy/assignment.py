@@ -280,8 +280,9 @@ class Assignment:
     def shares(self) -> dict[str, float]:
         """Share of the key space owned by each pod (0.0 for pods that own none)."""
         widths = dict.fromkeys(self.pods, 0)
-        for r in self.routes:
-            widths[r.pod.id] += r.end - r.start
+        starts = self.starts
+        for i, pid in enumerate(self.owner_ids()):
+            widths[pid] += _end(starts, i) - starts[i]
         return {pid: w / KEY_SPACE for pid, w in widths.items()}
 
     def slice_specs(self) -> list[SliceSpec]:
@@ -304,16 +305,22 @@ class Assignment:
                 doc["slice_count"] = self.slice_count
             return doc
         slices = []
-        for r in self.routes:
-            s: dict[str, Any] = {"start": f"0x{r.start:016x}", "pod": r.pod.id, "epoch": r.epoch}
-            if r.backups:
-                s["backups"] = list(r.backups)
+        combos = self._combos
+        for start, pid, epoch, b in zip(self.starts, self.owner_ids(), self._epoch, self._backup, strict=True):
+            s: dict[str, Any] = {"start": f"0x{start:016x}", "pod": pid, "epoch": epoch}
+            if combos[b]:
+                s["backups"] = list(combos[b])
             slices.append(s)
         doc["slices"] = slices
         return doc
 
     def dumps(self, *, explicit: bool = True) -> bytes:
         return orjson.dumps(self.to_json(explicit=explicit), option=orjson.OPT_INDENT_2) + b"\n"
+
+    def render(self) -> bytes:
+        """``{"shares": ..., "table": ...}`` as compact JSON (the admin view;
+        a generated table in its short form)."""
+        return orjson.dumps({"shares": self.shares(), "table": self.to_json(explicit=not self.generated)})
 
 
 def _lookup_index(starts: array[int]) -> tuple[int, array[int]]:

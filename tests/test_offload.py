@@ -9,11 +9,14 @@ import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 
 from proxy import assignment as core
 from proxy.offload import INLINE_BYTES, Offload
+
+from .conftest import ProxyFactory
 
 PODS = core.make_pods(
     (f"pod-{i}", f"http://127.0.0.1:{9100 + i}", w, s)
@@ -151,3 +154,23 @@ async def test_helper_dying_mid_call_falls_back_to_a_thread(offload: Offload) ->
     data = big_table().dumps()
     same(await offload.parse(data), core.parse(data))
     assert offload.calls == 1
+
+
+async def test_admin_view_of_a_big_table_is_rendered_in_the_helper(proxy_factory: ProxyFactory) -> None:
+    first, second = big_table(7, 6000), big_table(9, 5000)
+    px = await proxy_factory(first, admin=True, admin__token="s3cret")
+    async with aiohttp.ClientSession() as s:
+        for table in (first, second):
+            for _ in range(2):  # the second GET is served from the one rendering
+                async with s.get(px.admin + "/-/assignment") as r:
+                    assert r.status == 200
+                    doc = await r.json()
+                assert doc["generation"] == table.generation and doc["last_error"] is None
+                assert doc["shares"] == pytest.approx(table.shares())
+                same(core.from_json(doc["table"]), table)
+            if table is first:
+                # a big PUT is parsed in the helper too
+                put = {"Authorization": "Bearer s3cret"}
+                async with s.put(px.admin + "/-/assignment", data=second.dumps(), headers=put) as r:
+                    assert r.status == 200, await r.text()
+    assert px.runtime.offload.calls == 3  # two renderings and the PUT
