@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import hashlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import pytest
@@ -73,17 +73,61 @@ async def start_pod(pod_id: str, extra: Callable[[web.Application], None] | None
     return pod
 
 
+EchoPods = Callable[..., Awaitable[Pod]]
+
+
 @pytest.fixture
-async def pods() -> AsyncIterator[list[Pod]]:
-    started = [await start_pod(f"pod-{c}") for c in "abc"]
-    yield started
-    for p in started:
-        await p.runner.cleanup()
+async def echo_pods() -> AsyncIterator[EchoPods]:
+    """``make(pod_id, extra=None)``: an echo pod, stopped after the test."""
+    started: list[Pod] = []
+
+    async def make(pod_id: str, extra: Callable[[web.Application], None] | None = None) -> Pod:
+        pod = await start_pod(pod_id, extra)
+        started.append(pod)
+        return pod
+
+    yield make
+    for pod in started:
+        await pod.runner.cleanup()
 
 
-def table_for(pods: list[Pod] | list[tuple[str, str]], generation: int = 7, slice_count: int = 64) -> core.Assignment:
-    specs = [(p.id, p.url, 1.0, "active") if isinstance(p, Pod) else (p[0], p[1], 1.0, "active") for p in pods]
-    return core.generate(generation, core.make_pods(specs), slice_count)
+@pytest.fixture
+async def pods(echo_pods: EchoPods) -> list[Pod]:
+    return [await echo_pods(f"pod-{c}") for c in "abc"]
+
+
+class Listening(Protocol):
+    """Anything a table can point at: a pod id and its URL."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def url(self) -> str: ...
+
+
+def pod_specs(pods: Sequence[Listening | tuple[str, str]]) -> list[tuple[str, str, float, str]]:
+    """``core.make_pods`` specs for pod objects or (id, url) pairs: weight 1, active."""
+    return [(p[0], p[1], 1.0, "active") if isinstance(p, tuple) else (p.id, p.url, 1.0, "active") for p in pods]
+
+
+def table_for(
+    pods: Sequence[Listening | tuple[str, str]], generation: int = 7, slice_count: int = 64
+) -> core.Assignment:
+    """A generated table over ``pods``."""
+    return core.generate(generation, core.make_pods(pod_specs(pods)), slice_count)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on: free to listen on, refused to connect to."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dead_pod(pod_id: str) -> tuple[str, str]:
+    """A pod (id, url) at a port nothing listens on."""
+    return pod_id, f"http://127.0.0.1:{free_port()}"
 
 
 @dataclass
@@ -128,8 +172,16 @@ async def start_proxy(table: core.Assignment | None, admin: bool = False, **over
     return Proxy(rt, port, stop, task)
 
 
+ProxyFactory = Callable[..., Awaitable[Proxy]]
+
+
+def opened(proxy: Proxy) -> int:
+    """Upstream connections the proxy has opened so far, to any pod."""
+    return sum(p.opened for p in proxy.runtime.upstreams.pools.values())
+
+
 @pytest.fixture
-async def proxy_factory() -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
+async def proxy_factory() -> AsyncIterator[ProxyFactory]:
     started: list[Proxy] = []
 
     async def make(table: core.Assignment | None, admin: bool = False, **overrides: Any) -> Proxy:
@@ -143,7 +195,7 @@ async def proxy_factory() -> AsyncIterator[Callable[..., Awaitable[Proxy]]]:
 
 
 @pytest.fixture
-async def proxy(pods: list[Pod], proxy_factory: Callable[..., Awaitable[Proxy]]) -> Proxy:
+async def proxy(pods: list[Pod], proxy_factory: ProxyFactory) -> Proxy:
     return await proxy_factory(table_for(pods), proxy__shutdown_timeout="2s")
 
 
@@ -216,6 +268,136 @@ class Raw:
         self.writer.close()
         with contextlib.suppress(Exception):
             await self.writer.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def connect(port: int) -> AsyncIterator[Raw]:
+    """A raw connection to ``port``, closed on the way out."""
+    raw = await Raw.open(port)
+    try:
+        yield raw
+    finally:
+        await raw.close()
+
+
+Handler = Callable[["RawPod", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawPod:
+    """A pod made of bytes: ``handler(pod, reader, writer)`` runs once per
+    accepted connection."""
+
+    def __init__(self, pod_id: str, handler: Handler) -> None:
+        self.id = pod_id
+        self.handler = handler
+        self.port = 0
+        self.accepts = 0
+        self.requests: list[bytes] = []  # what read_request read: head and body
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> RawPod:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepts += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)
+        self.writers.append(writer)
+        try:
+            await self.handler(self, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # cancelled: close() ends the handlers; end quietly
+        finally:
+            writer.close()
+            self.tasks.discard(task)
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        """One request: its head and its Content-Length body, if any."""
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = b""
+        for line in head.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length" and int(value) > 0:
+                body = await reader.readexactly(int(value))
+        self.requests.append(head + body)
+        return head + body
+
+    async def close(self) -> None:
+        for w in self.writers:
+            w.close()
+        for t in list(self.tasks):
+            t.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=1)
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1):
+                    await self.server.wait_closed()
+
+
+RawPods = Callable[..., Awaitable[RawPod]]
+
+
+@pytest.fixture
+async def raw_pods() -> AsyncIterator[RawPods]:
+    """``make(handler, pod_id="raw")``: a started ``RawPod``, closed after the test."""
+    started: list[RawPod] = []
+
+    async def make(handler: Handler, pod_id: str = "raw") -> RawPod:
+        pod = await RawPod(pod_id, handler).start()
+        started.append(pod)
+        return pod
+
+    yield make
+    for pod in started:
+        await pod.close()
+
+
+def error_doc(
+    headers: dict[str, str], body: bytes, error: str | None = None, generation: int | None = 7
+) -> dict[str, Any]:
+    """The proxy's JSON error body, checked: its keys, a non-empty error and
+    detail, the generation in force, and ``error`` when given."""
+    assert headers["content-type"] == "application/json"
+    doc = json_body(body)
+    assert isinstance(doc, dict)
+    assert set(doc) == {"error", "detail", "generation"}
+    assert isinstance(doc["error"], str) and doc["error"]
+    if error is not None:
+        assert doc["error"] == error, doc
+    assert isinstance(doc["detail"], str) and doc["detail"]
+    assert doc["generation"] == generation
+    return doc
+
+
+async def error_response(
+    raw: Raw, status: int, error: str | None = None, generation: int | None = 7, timeout: float = 5.0
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Read one response: ``status`` with the proxy's JSON error body (see
+    ``error_doc``). Returns the headers and the error document."""
+    got, headers, body = await raw.response(timeout=timeout)
+    assert got == status, body
+    return headers, error_doc(headers, body, error, generation)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {name{labels}: value}."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
 
 
 def json_body(body: bytes) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 import orjson
@@ -11,12 +10,10 @@ import pytest
 
 from proxy import assignment as core
 
-from .conftest import Pod, Proxy, table_for
-
-Factory = Callable[..., Awaitable[Proxy]]
+from .conftest import Pod, ProxyFactory, parse_metrics, table_for
 
 
-async def test_health_readiness_and_lookup(proxy_factory: Factory, pods: list[Pod]) -> None:
+async def test_health_readiness_and_lookup(proxy_factory: ProxyFactory, pods: list[Pod]) -> None:
     px = await proxy_factory(None, admin=True)
     async with aiohttp.ClientSession() as s:
         async with s.get(px.admin + "/-/healthz") as r:
@@ -43,7 +40,7 @@ async def test_health_readiness_and_lookup(proxy_factory: Factory, pods: list[Po
             assert core.from_json(doc["table"]).shares() == table.shares()
 
 
-async def test_put_needs_token_and_refuses_bad_tables(proxy_factory: Factory, pods: list[Pod]) -> None:
+async def test_put_needs_token_and_refuses_bad_tables(proxy_factory: ProxyFactory, pods: list[Pod]) -> None:
     read_only = await proxy_factory(table_for(pods), admin=True)
     async with aiohttp.ClientSession() as s:
         async with s.put(read_only.admin + "/-/assignment", data=table_for(pods, 99).dumps()) as r:
@@ -87,17 +84,7 @@ async def test_put_needs_token_and_refuses_bad_tables(proxy_factory: Factory, po
             assert 0 <= samples["keyroute_seconds_since_last_reload"] < 60
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text -> {name{labels}: value}."""
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
-async def test_access_log_lines(proxy_factory: Factory, pods: list[Pod], caplog: pytest.LogCaptureFixture) -> None:
+async def test_access_log_lines(proxy_factory: ProxyFactory, pods: list[Pod], caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="keyroute.access")
     px = await proxy_factory(table_for(pods), proxy__access_log=True)
     async with aiohttp.ClientSession() as s:

@@ -3,94 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import pytest
 
-from .conftest import Pod, Proxy, Raw, header_map, json_body, table_for
-
-ProxyFactory = Callable[..., Awaitable[Proxy]]
-Handler = Callable[["RawPod", asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+from .conftest import (
+    Handler,
+    Pod,
+    Proxy,
+    ProxyFactory,
+    Raw,
+    RawPod,
+    RawPods,
+    connect,
+    dead_pod,
+    error_response,
+    header_map,
+    json_body,
+    opened,
+    table_for,
+)
 
 GET = b"GET /x HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-
-
-class RawPod:
-    """A pod made of bytes: ``handler`` runs once per accepted connection."""
-
-    def __init__(self, pod_id: str, handler: Handler) -> None:
-        self.id = pod_id
-        self.handler = handler
-        self.accepts = 0
-        self.heads: list[bytes] = []
-        self.port = 0
-        self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.writers: list[asyncio.StreamWriter] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> RawPod:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepts += 1
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
-        self.writers.append(writer)
-        try:
-            await self.handler(self, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            self.tasks.discard(task)
-
-    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
-        """One request head (and its Content-Length body, if any)."""
-        head = await reader.readuntil(b"\r\n\r\n")
-        self.heads.append(head)
-        for line in head.split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length" and int(value) > 0:
-                await reader.readexactly(int(value))
-        return head
-
-    async def close(self) -> None:
-        for w in self.writers:
-            w.close()
-        for t in list(self.tasks):
-            t.cancel()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=1)
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1):
-                    await self.server.wait_closed()
-
-
-@pytest.fixture
-async def raw_pod() -> AsyncIterator[Callable[[Handler], Awaitable[RawPod]]]:
-    started: list[RawPod] = []
-
-    async def make(handler: Handler, pod_id: str = "raw") -> RawPod:
-        pod = await RawPod(pod_id, handler).start()
-        started.append(pod)
-        return pod
-
-    yield make
-    for pod in started:
-        await pod.close()
 
 
 def replies(*responses: bytes, then_close: bool = False, linger: float = 5.0) -> Handler:
@@ -112,21 +46,6 @@ def replies(*responses: bytes, then_close: bool = False, linger: float = 5.0) ->
                 return
 
     return handler
-
-
-def opened(proxy: Proxy) -> int:
-    return sum(p.opened for p in proxy.runtime.upstreams.pools.values())
-
-
-def error_doc(headers: dict[str, str], body: bytes, error: str, generation: int | None = 7) -> dict[str, Any]:
-    assert headers["content-type"] == "application/json"
-    doc = json_body(body)
-    assert isinstance(doc, dict)
-    assert set(doc) == {"error", "detail", "generation"}
-    assert doc["error"] == error, doc
-    assert isinstance(doc["detail"], str) and doc["detail"]
-    assert doc["generation"] == generation
-    return doc
 
 
 async def read_head(raw: Raw, timeout: float = 5.0) -> tuple[int, list[tuple[str, str]]]:
@@ -158,45 +77,28 @@ async def read_rest(raw: Raw, timeout: float = 5.0) -> tuple[bytes, bool]:
 
 
 async def test_nothing_listening_is_502_connect_failed(proxy_factory: ProxyFactory) -> None:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    proxy = await proxy_factory(table_for([("gone", f"http://127.0.0.1:{port}")]))
-    raw = await Raw.open(proxy.port)
-    try:
-        await raw.send(GET)
-        status, headers, body = await raw.response()
-        assert status == 502
-        error_doc(headers, body, "connect_failed")
+    proxy = await proxy_factory(table_for([dead_pod("gone")]))
+    async with connect(proxy.port) as raw:
         # Bodiless request: the client connection stays usable.
-        await raw.send(GET)
-        status, headers, body = await raw.response()
-        assert status == 502
-        error_doc(headers, body, "connect_failed")
-    finally:
-        await raw.close()
+        for _ in range(2):
+            await raw.send(GET)
+            await error_response(raw, 502, "connect_failed")
 
 
-async def test_silent_pod_is_504_pod_timeout(proxy_factory: ProxyFactory, raw_pod: Any) -> None:
+async def test_silent_pod_is_504_pod_timeout(proxy_factory: ProxyFactory, raw_pods: RawPods) -> None:
     async def silent(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await pod.read_request(reader)
         await asyncio.sleep(30)
 
-    pod = await raw_pod(silent)
-    proxy = await proxy_factory(table_for([(pod.id, pod.url)]), upstream__response_timeout="300ms")
-    raw = await Raw.open(proxy.port)
-    try:
+    pod = await raw_pods(silent)
+    proxy = await proxy_factory(table_for([pod]), upstream__response_timeout="300ms")
+    async with connect(proxy.port) as raw:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         await raw.send(GET)
-        status, headers, body = await raw.response(timeout=3)
+        await error_response(raw, 504, "pod_timeout", timeout=3)
         assert 0.2 <= loop.time() - t0 < 2
-        assert status == 504
-        error_doc(headers, body, "pod_timeout")
-    finally:
-        await raw.close()
-    assert len(pod.heads) == 1
+    assert len(pod.requests) == 1
 
 
 BAD_RESPONSES = {
@@ -211,71 +113,61 @@ BAD_RESPONSES = {
 
 @pytest.mark.parametrize("response", list(BAD_RESPONSES.values()), ids=list(BAD_RESPONSES))
 async def test_bad_response_is_502_and_connection_not_reused(
-    proxy_factory: ProxyFactory, raw_pod: Any, response: bytes
+    proxy_factory: ProxyFactory, raw_pods: RawPods, response: bytes
 ) -> None:
-    pod = await raw_pod(replies(response))
-    proxy = await proxy_factory(table_for([(pod.id, pod.url)]), upstream__response_timeout="1s")
-    raw = await Raw.open(proxy.port)
-    try:
+    pod = await raw_pods(replies(response))
+    proxy = await proxy_factory(table_for([pod]), upstream__response_timeout="1s")
+    async with connect(proxy.port) as raw:
         for n in (1, 2):
             await raw.send(GET)
-            status, headers, body = await raw.response(timeout=3)
-            assert status == 502, body
-            error_doc(headers, body, "bad_response")
+            await error_response(raw, 502, "bad_response", timeout=3)
             # A pod connection that spoke bad HTTP is never used again.
             assert pod.accepts == n
             assert opened(proxy) == n
-    finally:
-        await raw.close()
 
 
 # -- the pod fails part way through a response ----------------------------------------------
 
 
-async def test_truncated_content_length_body_is_not_completed(proxy_factory: ProxyFactory, raw_pod: Any) -> None:
-    pod = await raw_pod(replies(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", b"x" * 100, then_close=True))
-    proxy = await proxy_factory(table_for([(pod.id, pod.url)]))
-    raw = await Raw.open(proxy.port)
-    try:
+async def cut_short(proxy_factory: ProxyFactory, raw_pods: RawPods, *parts: bytes) -> tuple[int, dict[str, str], bytes]:
+    """A pod writes ``parts`` of a response, then closes: the status, headers and
+    rest the client got. The client connection must be closed, not left hanging."""
+    pod = await raw_pods(replies(*parts, then_close=True))
+    proxy = await proxy_factory(table_for([pod]))
+    async with connect(proxy.port) as raw:
         await raw.send(GET)
         status, headers = await read_head(raw)
-        assert status == 200 and dict(headers)["content-length"] == "1000"
         rest, closed = await read_rest(raw, timeout=3)
         assert closed, "the client connection must be closed, not left hanging"
-        assert len(rest) < 1000
-    finally:
-        await raw.close()
+    return status, dict(headers), rest
 
 
-async def test_chunked_response_cut_short_has_no_final_chunk(proxy_factory: ProxyFactory, raw_pod: Any) -> None:
-    pod = await raw_pod(
-        replies(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"5\r\nhello\r\n",
-            b"6\r\n world\r\n3\r\nab",
-            then_close=True,
-        )
+async def test_truncated_content_length_body_is_not_completed(proxy_factory: ProxyFactory, raw_pods: RawPods) -> None:
+    status, headers, rest = await cut_short(
+        proxy_factory, raw_pods, b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", b"x" * 100
     )
-    proxy = await proxy_factory(table_for([(pod.id, pod.url)]))
-    raw = await Raw.open(proxy.port)
-    try:
-        await raw.send(GET)
-        status, headers = await read_head(raw)
-        assert status == 200 and dict(headers)["transfer-encoding"] == "chunked"
-        rest, closed = await read_rest(raw, timeout=3)
-        assert closed
-        assert b"0\r\n\r\n" not in rest
-    finally:
-        await raw.close()
+    assert status == 200 and headers["content-length"] == "1000"
+    assert len(rest) < 1000
 
 
-async def test_close_delimited_response(proxy_factory: ProxyFactory, raw_pod: Any) -> None:
+async def test_chunked_response_cut_short_has_no_final_chunk(proxy_factory: ProxyFactory, raw_pods: RawPods) -> None:
+    status, headers, rest = await cut_short(
+        proxy_factory,
+        raw_pods,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"5\r\nhello\r\n",
+        b"6\r\n world\r\n3\r\nab",
+    )
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    assert b"0\r\n\r\n" not in rest
+
+
+async def test_close_delimited_response(proxy_factory: ProxyFactory, raw_pods: RawPods) -> None:
     parts = [b"first part;", b"second part;", b"third" * 1000]
-    pod = await raw_pod(replies(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n", *parts, then_close=True))
-    proxy = await proxy_factory(table_for([(pod.id, pod.url)]))
+    pod = await raw_pods(replies(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n", *parts, then_close=True))
+    proxy = await proxy_factory(table_for([pod]))
     # HTTP/1.1 client: re-framed as chunked, and the connection lives on.
-    raw = await Raw.open(proxy.port)
-    try:
+    async with connect(proxy.port) as raw:
         for _ in range(2):
             await raw.send(GET)
             status, headers, body = await raw.response()
@@ -283,11 +175,8 @@ async def test_close_delimited_response(proxy_factory: ProxyFactory, raw_pod: An
             assert headers.get("transfer-encoding") == "chunked"
             assert "content-length" not in headers
             assert body == b"".join(parts)
-    finally:
-        await raw.close()
     # HTTP/1.0 client: close-delimited in turn.
-    raw = await Raw.open(proxy.port)
-    try:
+    async with connect(proxy.port) as raw:
         await raw.send(b"GET /x HTTP/1.0\r\nX-Routing-Key: a\r\nConnection: keep-alive\r\n\r\n")
         status, head = await read_head(raw)
         h = dict(head)
@@ -296,8 +185,6 @@ async def test_close_delimited_response(proxy_factory: ProxyFactory, raw_pod: An
         assert h.get("connection", "close").lower() == "close"
         rest, closed = await read_rest(raw)
         assert closed and rest == b"".join(parts)
-    finally:
-        await raw.close()
 
 
 # -- headers in each direction --------------------------------------------------------------
@@ -309,11 +196,10 @@ SPOOF = (
 )
 
 
-async def test_response_hop_by_hop_and_spoofed_headers(proxy_factory: ProxyFactory, raw_pod: Any) -> None:
-    pod = await raw_pod(replies(SPOOF, linger=0))
-    proxy = await proxy_factory(table_for([(pod.id, pod.url)]))
-    raw = await Raw.open(proxy.port)
-    try:
+async def test_response_hop_by_hop_and_spoofed_headers(proxy_factory: ProxyFactory, raw_pods: RawPods) -> None:
+    pod = await raw_pods(replies(SPOOF, linger=0))
+    proxy = await proxy_factory(table_for([pod]))
+    async with connect(proxy.port) as raw:
         await raw.send(GET)
         status, headers = await read_head(raw)
         assert status == 200
@@ -325,22 +211,17 @@ async def test_response_hop_by_hop_and_spoofed_headers(proxy_factory: ProxyFacto
         assert [v for k, v in headers if k == "x-keyroute-generation"] == ["7"]
         assert ("x-other", "kept") in headers
         assert await raw.reader.readexactly(2) == b"ok"
-    finally:
-        await raw.close()
 
 
-async def test_response_headers_switched_off(proxy_factory: ProxyFactory, raw_pod: Any, pods: list[Pod]) -> None:
-    spoofer = await raw_pod(replies(SPOOF, linger=0))
-    for table in (table_for(pods), table_for([(spoofer.id, spoofer.url)])):
+async def test_response_headers_switched_off(proxy_factory: ProxyFactory, raw_pods: RawPods, pods: list[Pod]) -> None:
+    spoofer = await raw_pods(replies(SPOOF, linger=0))
+    for table in (table_for(pods), table_for([spoofer])):
         proxy = await proxy_factory(table, proxy__response_headers=False)
-        raw = await Raw.open(proxy.port)
-        try:
+        async with connect(proxy.port) as raw:
             await raw.send(GET)
             status, headers = await read_head(raw)
             assert status == 200
             assert not [k for k, _ in headers if k.startswith("x-keyroute-")], headers
-        finally:
-            await raw.close()
     # The pod still gets its headers.
     info = next(r for p in pods for r in p.requests)
     assert "x-keyroute-pod" in header_map(info)
@@ -350,8 +231,7 @@ async def test_request_headers_to_pod(proxy: Proxy, pods: list[Pod]) -> None:
     table = proxy.runtime.table
     assert table is not None
     route = table.assignment.lookup(b"a")
-    raw = await Raw.open(proxy.port)
-    try:
+    async with connect(proxy.port) as raw:
         await raw.send(
             b"GET /h HTTP/1.1\r\nHost: example.test\r\nX-Routing-Key: a\r\n"
             b"Connection: X-Drop\r\nX-Drop: 1\r\nKeep-Alive: 1\r\nTE: trailers\r\nProxy-Connection: x\r\n"
@@ -384,8 +264,6 @@ async def test_request_headers_to_pod(proxy: Proxy, pods: list[Pod]) -> None:
         assert h["x-forwarded-proto"] == ["http"]
         assert h["x-forwarded-host"] == ["plain.test"]
         assert h["via"] == ["1.1 keyroute"]
-    finally:
-        await raw.close()
 
 
 # -- requests without a key, without a table -------------------------------------------------
@@ -396,9 +274,8 @@ NOKEY = b"GET /nokey HTTP/1.1\r\nHost: t\r\n\r\n"
 
 async def test_missing_key_random_spreads(proxy_factory: ProxyFactory, pods: list[Pod]) -> None:
     proxy = await proxy_factory(table_for(pods), proxy__missing_key="random")
-    raw = await Raw.open(proxy.port)
     seen = []
-    try:
+    async with connect(proxy.port) as raw:
         for _ in range(60):
             await raw.send(NOKEY)
             status, headers, body = await raw.response()
@@ -406,15 +283,12 @@ async def test_missing_key_random_spreads(proxy_factory: ProxyFactory, pods: lis
             pod_id = json_body(body)["pod"]
             assert headers["x-keyroute-pod"] == pod_id
             seen.append(pod_id)
-    finally:
-        await raw.close()
     assert set(seen) == {"pod-a", "pod-b", "pod-c"}
 
 
 async def test_missing_key_fixed_pod(proxy_factory: ProxyFactory, pods: list[Pod]) -> None:
     proxy = await proxy_factory(table_for(pods), proxy__missing_key="pod:pod-b")
-    raw = await Raw.open(proxy.port)
-    try:
+    async with connect(proxy.port) as raw:
         for _ in range(10):
             await raw.send(NOKEY)
             status, headers, body = await raw.response()
@@ -428,52 +302,37 @@ async def test_missing_key_fixed_pod(proxy_factory: ProxyFactory, pods: list[Pod
             await raw.send(b"GET / HTTP/1.1\r\nHost: t\r\nX-Routing-Key: %s\r\n\r\n" % key.encode())
             status, _, body = await raw.response()
             assert json_body(body)["pod"] == table.assignment.lookup(key.encode()).pod.id
-    finally:
-        await raw.close()
 
 
 async def test_missing_key_unknown_pod_is_503_no_route(proxy_factory: ProxyFactory, pods: list[Pod]) -> None:
     proxy = await proxy_factory(table_for(pods), proxy__missing_key="pod:nope")
-    raw = await Raw.open(proxy.port)
-    try:
+    async with connect(proxy.port) as raw:
         await raw.send(NOKEY)
-        status, headers, body = await raw.response()
-        assert status == 503
-        error_doc(headers, body, "no_route")
-    finally:
-        await raw.close()
+        await error_response(raw, 503, "no_route")
     assert [p.requests for p in pods] == [[], [], []]
 
 
 async def test_no_table_is_503(proxy_factory: ProxyFactory) -> None:
     proxy = await proxy_factory(None)
-    raw = await Raw.open(proxy.port)
-    try:
+    async with connect(proxy.port) as raw:
         await raw.send(GET)
-        status, headers, body = await raw.response()
-        assert status == 503
-        error_doc(headers, body, "no_table", generation=None)
-    finally:
-        await raw.close()
+        await error_response(raw, 503, "no_table", generation=None)
     assert opened(proxy) == 0
 
 
 # -- pooled connections the pod closed ---------------------------------------------------------
 
 
-async def test_pod_closes_idle_pooled_connection(proxy_factory: ProxyFactory, raw_pod: Any) -> None:
+async def test_pod_closes_idle_pooled_connection(proxy_factory: ProxyFactory, raw_pods: RawPods) -> None:
     # Answers one request per connection, then closes without saying so.
-    pod = await raw_pod(replies(OK, then_close=True))
-    proxy = await proxy_factory(table_for([(pod.id, pod.url)]))
-    raw = await Raw.open(proxy.port)
-    try:
+    pod = await raw_pods(replies(OK, then_close=True))
+    proxy = await proxy_factory(table_for([pod]))
+    async with connect(proxy.port) as raw:
         for _ in range(3):
             await raw.send(GET)
             status, _, body = await raw.response()
             assert status == 200 and body == b"ok"
             await asyncio.sleep(0.05)
-    finally:
-        await raw.close()
     assert pod.accepts == 3
 
 
@@ -489,36 +348,28 @@ async def _one_then_hang_up(pod: RawPod, reader: asyncio.StreamReader, writer: a
     transport.abort()
 
 
-async def test_reused_connection_dead_on_arrival_is_retried(proxy_factory: ProxyFactory, raw_pod: Any) -> None:
-    pod = await raw_pod(_one_then_hang_up)
-    proxy = await proxy_factory(table_for([(pod.id, pod.url)]))
-    raw = await Raw.open(proxy.port)
-    try:
+async def test_reused_connection_dead_on_arrival_is_retried(proxy_factory: ProxyFactory, raw_pods: RawPods) -> None:
+    pod = await raw_pods(_one_then_hang_up)
+    proxy = await proxy_factory(table_for([pod]))
+    async with connect(proxy.port) as raw:
         for i in range(3):
             await raw.send(b"GET /r%d HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\n\r\n" % i)
             status, _, body = await raw.response()
             assert status == 200 and body == b"ok"
-    finally:
-        await raw.close()
     # Request 1 on conn 1; request 2 sent on conn 1 (dropped), retried on conn 2;
     # request 3 likewise on conn 2 then conn 3.
     assert pod.accepts == 3
-    assert [h.split(b" ")[1] for h in pod.heads] == [b"/r0", b"/r1", b"/r1", b"/r2", b"/r2"]
+    assert [h.split(b" ")[1] for h in pod.requests] == [b"/r0", b"/r1", b"/r1", b"/r2", b"/r2"]
 
 
-async def test_post_on_dead_reused_connection_is_not_retried(proxy_factory: ProxyFactory, raw_pod: Any) -> None:
-    pod = await raw_pod(_one_then_hang_up)
-    proxy = await proxy_factory(table_for([(pod.id, pod.url)]))
-    raw = await Raw.open(proxy.port)
-    try:
+async def test_post_on_dead_reused_connection_is_not_retried(proxy_factory: ProxyFactory, raw_pods: RawPods) -> None:
+    pod = await raw_pods(_one_then_hang_up)
+    proxy = await proxy_factory(table_for([pod]))
+    async with connect(proxy.port) as raw:
         await raw.send(GET)
         status, _, _ = await raw.response()
         assert status == 200
         await raw.send(b"POST /p HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\nContent-Length: 3\r\n\r\nabc")
-        status, headers, body = await raw.response()
-        assert status == 502
-        error_doc(headers, body, "pod_closed")
-    finally:
-        await raw.close()
-    assert [h.split(b" ")[0] for h in pod.heads].count(b"POST") == 1
+        await error_response(raw, 502, "pod_closed")
+    assert [h.split(b" ")[0] for h in pod.requests].count(b"POST") == 1
     assert pod.accepts == 1

@@ -5,13 +5,12 @@ and active health checks."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import socket
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +21,22 @@ from aiohttp import web
 from proxy import assignment as core
 from proxy.health import Health
 
-from .conftest import Pod, Proxy, Raw, header_map, start_pod, table_for
-
-ProxyFactory = Callable[..., Awaitable[Proxy]]
+from .conftest import (
+    EchoPods,
+    Listening,
+    Pod,
+    Proxy,
+    ProxyFactory,
+    Raw,
+    RawPod,
+    RawPods,
+    connect,
+    dead_pod,
+    header_map,
+    parse_metrics,
+    pod_specs,
+    table_for,
+)
 
 CONNECT_TIMEOUT = 0.3
 # A request for a dead pod's key: at most the connect timeout, then one retry.
@@ -127,8 +139,12 @@ class ProcPod:
         self.proc = None
 
 
+ProcPods = Callable[[str], Awaitable[ProcPod]]
+
+
 @pytest.fixture
-async def proc_pods() -> AsyncIterator[Callable[[str], Awaitable[ProcPod]]]:
+async def proc_pods() -> AsyncIterator[ProcPods]:
+    """``make(pod_id)``: a started ``ProcPod``, stopped after the test."""
     started: list[ProcPod] = []
 
     async def make(pod_id: str) -> ProcPod:
@@ -141,122 +157,34 @@ async def proc_pods() -> AsyncIterator[Callable[[str], Awaitable[ProcPod]]]:
         pod.stop()
 
 
-@pytest.fixture
-async def echo_pods() -> AsyncIterator[Callable[..., Awaitable[Pod]]]:
-    """In-process echo pods (conftest's), stopped after the test."""
-    started: list[Pod] = []
-
-    async def make(pod_id: str, extra: Callable[[web.Application], None] | None = None) -> Pod:
-        pod = await start_pod(pod_id, extra)
-        started.append(pod)
-        return pod
-
-    yield make
-    for pod in started:
-        await pod.runner.cleanup()
-
-
-class RawServer:
-    """A pod made of bytes: ``handler(reader, writer)`` per accepted connection."""
-
-    def __init__(self, pod_id: str, handler: Callable[[RawServer, asyncio.StreamReader, asyncio.StreamWriter], Any]):
-        self.id = pod_id
-        self.handler = handler
-        self.port = 0
-        self.accepts = 0
-        self.requests: list[bytes] = []  # heads (and bodies) received
-        self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[Any]] = set()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> RawServer:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepts += 1
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
-        try:
-            await self.handler(self, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
-            pass  # cancelled: close() ends the handlers; end quietly
-        finally:
-            writer.close()
-            self.tasks.discard(task)
-
-    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
-        head = await reader.readuntil(b"\r\n\r\n")
-        body = b""
-        for line in head.split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length" and int(value) > 0:
-                body = await reader.readexactly(int(value))
-        self.requests.append(head + body)
-        return head + body
-
-    async def close(self) -> None:
-        for t in list(self.tasks):
-            t.cancel()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=1)
-        if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1):
-                    await self.server.wait_closed()
-
-
-@pytest.fixture
-async def raw_server() -> AsyncIterator[Callable[..., Awaitable[RawServer]]]:
-    started: list[RawServer] = []
-
-    async def make(pod_id: str, handler: Callable[..., Any]) -> RawServer:
-        srv = await RawServer(pod_id, handler).start()
-        started.append(srv)
-        return srv
-
-    yield make
-    for srv in started:
-        await srv.close()
-
-
-def dead_port() -> int:
-    """A port nothing listens on: connecting is refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def explicit_table(pods: list[tuple[str, str]], owner: str, backups: tuple[str, ...], generation: int = 9) -> Any:
+def explicit_table(
+    pods: Sequence[Listening | tuple[str, str]], owner: str, backups: tuple[str, ...], generation: int = 9
+) -> core.Assignment:
     """One slice over the whole key space: ``owner`` first, then ``backups``."""
-    specs = [(pid, url, 1.0, "active") for pid, url in pods]
-    return core.build(generation, core.make_pods(specs), [core.SliceSpec(0, owner, None, backups)])
+    return core.build(generation, core.make_pods(pod_specs(pods)), [core.SliceSpec(0, owner, None, backups)])
 
 
 async def get(port: int, key: str, path: str = "/x", timeout: float = DEADLINE) -> tuple[int, dict[str, str], bytes]:
-    raw = await Raw.open(port)
-    try:
+    """One keyed GET on a connection of its own."""
+    async with connect(port) as raw:
         await raw.send(f"GET {path} HTTP/1.1\r\nHost: t\r\nX-Routing-Key: {key}\r\n\r\n".encode())
         return await raw.response(timeout=timeout)
-    finally:
-        await raw.close()
+
+
+async def post(port: int, key: str, body: bytes, path: str = "/pay") -> tuple[int, dict[str, str], bytes]:
+    """One keyed POST with a Content-Length body on a connection of its own."""
+    async with connect(port) as raw:
+        head = f"POST {path} HTTP/1.1\r\nHost: t\r\nX-Routing-Key: {key}\r\nContent-Length: {len(body)}\r\n\r\n"
+        await raw.send(head.encode() + body)
+        return await raw.response(timeout=DEADLINE)
 
 
 async def admin_get(proxy: Proxy, path: str) -> bytes:
-    raw = await Raw.open(proxy.runtime.admin_port or 0)
-    try:
+    async with connect(proxy.runtime.admin_port or 0) as raw:
         await raw.send(f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode())
         status, _, body = await raw.response()
         assert status == 200, body
         return body
-    finally:
-        await raw.close()
 
 
 async def lookup(proxy: Proxy, key: str) -> dict[str, Any]:
@@ -266,12 +194,7 @@ async def lookup(proxy: Proxy, key: str) -> dict[str, Any]:
 
 
 async def metrics(proxy: Proxy) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in (await admin_get(proxy, "/metrics")).decode().splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return parse_metrics((await admin_get(proxy, "/metrics")).decode())
 
 
 def total(samples: dict[str, float], name: str) -> float:
@@ -301,10 +224,12 @@ async def is_state(proxy: Proxy, key: str, pod_id: str, state: str) -> bool:
 
 
 def keys_by_owner(table: core.Assignment, n: int = 90) -> dict[str, list[str]]:
+    """Keys user-0 .. user-(n-1) by their owner; every pod of ``table`` owns some."""
     out: dict[str, list[str]] = {}
     for i in range(n):
         key = f"user-{i}"
         out.setdefault(table.lookup(key.encode()).pod.id, []).append(key)
+    assert all(out.get(pid) for pid in table.pods), out
     return out
 
 
@@ -372,11 +297,9 @@ async def drive(port: int, keys: list[str], stop: asyncio.Event, out: list[Resul
 
 
 @pytest.mark.timeout(60)
-async def test_sigkill_of_a_pod_under_traffic(
-    proc_pods: Callable[[str], Awaitable[ProcPod]], proxy_factory: ProxyFactory
-) -> None:
+async def test_sigkill_of_a_pod_under_traffic(proc_pods: ProcPods, proxy_factory: ProxyFactory) -> None:
     pods = [await proc_pods(f"pod-{c}") for c in "abc"]
-    table = table_for([(p.id, p.url) for p in pods])
+    table = table_for(pods)
     proxy = await proxy_factory(
         table,
         admin=True,
@@ -387,7 +310,6 @@ async def test_sigkill_of_a_pod_under_traffic(
     )
     victim = pods[0]
     owned = keys_by_owner(table)
-    assert all(owned.get(p.id) for p in pods), owned
     keys = [k for ks in owned.values() for k in ks]
     route = {k: table.lookup(k.encode()) for k in keys}
     assert all(route[k].backups for k in keys)  # generated tables have backups
@@ -475,14 +397,12 @@ def forwarded(pod: Pod) -> list[dict[str, Any]]:
     return [r for r in pod.requests if r["path"] != "/health"]
 
 
-async def test_503_pod_is_retried_on_the_backup_then_ejected(
-    echo_pods: Callable[..., Awaitable[Pod]], proxy_factory: ProxyFactory
-) -> None:
+async def test_503_pod_is_retried_on_the_backup_then_ejected(echo_pods: EchoPods, proxy_factory: ProxyFactory) -> None:
     calls: list[str] = []
     bad = await echo_pods("bad", five_oh_three(calls))
     good = await echo_pods("good")
     other = await echo_pods("other")
-    table = explicit_table([(p.id, p.url) for p in (bad, good, other)], "bad", ("good",))
+    table = explicit_table([bad, good, other], "bad", ("good",))
     proxy = await proxy_factory(table, admin=True, upstream__eject_after="3", upstream__eject_base="10s")
     for i in range(3):
         status, headers, body = await get(proxy.port, f"k{i}")
@@ -503,13 +423,11 @@ async def test_503_pod_is_retried_on_the_backup_then_ejected(
     assert samples["keyroute_pods_ejected"] == 1
 
 
-async def test_503_is_relayed_when_no_candidate_is_left(
-    echo_pods: Callable[..., Awaitable[Pod]], proxy_factory: ProxyFactory
-) -> None:
+async def test_503_is_relayed_when_no_candidate_is_left(echo_pods: EchoPods, proxy_factory: ProxyFactory) -> None:
     calls: list[str] = []
     bad = await echo_pods("bad", five_oh_three(calls))
     good = await echo_pods("good")
-    table = explicit_table([(p.id, p.url) for p in (bad, good)], "bad", ())
+    table = explicit_table([bad, good], "bad", ())
     proxy = await proxy_factory(table)
     status, headers, body = await get(proxy.port, "k")
     assert (status, body) == (503, b"busy")
@@ -517,20 +435,20 @@ async def test_503_is_relayed_when_no_candidate_is_left(
     assert good.requests == []
 
 
-async def reset_on_accept(srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def reset_on_accept(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Accept, then reset (SO_LINGER 0 and close)."""
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
 
 
-async def close_after_request(srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def close_after_request(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Read one whole request (head and body), then close without answering."""
-    await srv.read_request(reader)
+    await pod.read_request(reader)
 
 
-async def never_answer(srv: RawServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    await srv.read_request(reader)
+async def never_answer(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await pod.read_request(reader)
     await asyncio.sleep(30)
 
 
@@ -546,13 +464,13 @@ async def never_answer(srv: RawServer, reader: asyncio.StreamReader, writer: asy
 async def test_get_fails_over_from_a_broken_pod(
     handler: Callable[..., Any],
     overrides: dict[str, str],
-    raw_server: Callable[..., Awaitable[RawServer]],
-    echo_pods: Callable[..., Awaitable[Pod]],
+    raw_pods: RawPods,
+    echo_pods: EchoPods,
     proxy_factory: ProxyFactory,
 ) -> None:
-    bad = await raw_server("bad", handler)
+    bad = await raw_pods(handler, "bad")
     good = await echo_pods("good")
-    table = explicit_table([("bad", bad.url), ("good", good.url)], "bad", ("good",))
+    table = explicit_table([bad, good], "bad", ("good",))
     proxy = await proxy_factory(table, admin=True, **overrides)
     loop = asyncio.get_running_loop()
     for i in range(2):
@@ -566,18 +484,15 @@ async def test_get_fails_over_from_a_broken_pod(
 
 
 async def test_post_is_not_replayed_after_the_pod_got_it(
-    raw_server: Callable[..., Awaitable[RawServer]],
-    echo_pods: Callable[..., Awaitable[Pod]],
+    raw_pods: RawPods,
+    echo_pods: EchoPods,
     proxy_factory: ProxyFactory,
 ) -> None:
-    bad = await raw_server("bad", close_after_request)
+    bad = await raw_pods(close_after_request, "bad")
     good = await echo_pods("good")
-    table = explicit_table([("bad", bad.url), ("good", good.url)], "bad", ("good",))
+    table = explicit_table([bad, good], "bad", ("good",))
     proxy = await proxy_factory(table)
-    raw = await Raw.open(proxy.port)
-    await raw.send(b"POST /pay HTTP/1.1\r\nHost: t\r\nX-Routing-Key: k\r\nContent-Length: 5\r\n\r\nhello")
-    status, headers, body = await raw.response(timeout=DEADLINE)
-    await raw.close()
+    status, headers, body = await post(proxy.port, "k", b"hello")
     assert status == 502, body
     assert orjson.loads(body)["error"] == "pod_closed"
     assert [r.endswith(b"hello") for r in bad.requests] == [True]  # sent once, to the owner only
@@ -588,27 +503,20 @@ async def test_post_is_not_replayed_after_the_pod_got_it(
     assert roles(good) == [("GET", "backup")]
 
 
-async def test_post_goes_to_the_backup_when_nothing_was_sent(
-    echo_pods: Callable[..., Awaitable[Pod]], proxy_factory: ProxyFactory
-) -> None:
+async def test_post_goes_to_the_backup_when_nothing_was_sent(echo_pods: EchoPods, proxy_factory: ProxyFactory) -> None:
     good = await echo_pods("good")
-    table = explicit_table([("bad", f"http://127.0.0.1:{dead_port()}"), ("good", good.url)], "bad", ("good",))
+    table = explicit_table([dead_pod("bad"), good], "bad", ("good",))
     proxy = await proxy_factory(table)
-    raw = await Raw.open(proxy.port)
-    await raw.send(b"POST /pay HTTP/1.1\r\nHost: t\r\nX-Routing-Key: k\r\nContent-Length: 5\r\n\r\nhello")
-    status, headers, body = await raw.response(timeout=DEADLINE)
-    await raw.close()
+    status, headers, body = await post(proxy.port, "k", b"hello")
     assert status == 200 and headers["x-keyroute-pod"] == "good", body
     assert roles(good) == [("POST", "backup")]
     assert good.requests[0]["body_len"] == 5
 
 
-async def test_failover_none_uses_the_owner_only(
-    echo_pods: Callable[..., Awaitable[Pod]], proxy_factory: ProxyFactory
-) -> None:
+async def test_failover_none_uses_the_owner_only(echo_pods: EchoPods, proxy_factory: ProxyFactory) -> None:
     b = await echo_pods("b")
     c = await echo_pods("c")
-    table = explicit_table([("a", f"http://127.0.0.1:{dead_port()}"), ("b", b.url), ("c", c.url)], "a", ("b",))
+    table = explicit_table([dead_pod("a"), b, c], "a", ("b",))
     proxy = await proxy_factory(
         table, admin=True, upstream__failover="none", upstream__eject_after="3", upstream__eject_base="5s"
     )
@@ -629,14 +537,16 @@ async def test_failover_none_uses_the_owner_only(
     assert [c["pod"] for c in (await lookup(proxy, "k"))["candidates"]] == ["a"]
 
 
-async def test_failover_any_reaches_beyond_the_backups(
-    echo_pods: Callable[..., Awaitable[Pod]], proxy_factory: ProxyFactory
-) -> None:
+async def dead_owner_and_backup(echo_pods: EchoPods) -> tuple[Pod, Pod, core.Assignment]:
+    """Pods a (owner) and b (its backup) refuse connections; c and d are up but
+    are not candidates for the slice."""
     c = await echo_pods("c")
     d = await echo_pods("d")
-    specs = [("a", f"http://127.0.0.1:{dead_port()}"), ("b", f"http://127.0.0.1:{dead_port()}")]
-    specs += [("c", c.url), ("d", d.url)]
-    table = explicit_table(specs, "a", ("b",))
+    return c, d, explicit_table([dead_pod("a"), dead_pod("b"), c, d], "a", ("b",))
+
+
+async def test_failover_any_reaches_beyond_the_backups(echo_pods: EchoPods, proxy_factory: ProxyFactory) -> None:
+    c, d, table = await dead_owner_and_backup(echo_pods)
     beyond = [p.id for p in core.rank(table.pods.values(), 0) if p.id in ("c", "d")]
     proxy = await proxy_factory(table, admin=True, upstream__failover="any", upstream__eject_base="5s")
     for i in range(4):
@@ -654,14 +564,9 @@ async def test_failover_any_reaches_beyond_the_backups(
     assert doc["panic"] is False
 
 
-async def test_failover_backups_stops_at_the_backups(
-    echo_pods: Callable[..., Awaitable[Pod]], proxy_factory: ProxyFactory
-) -> None:
-    c = await echo_pods("c")
-    d = await echo_pods("d")
-    specs = [("a", f"http://127.0.0.1:{dead_port()}"), ("b", f"http://127.0.0.1:{dead_port()}")]
-    specs += [("c", c.url), ("d", d.url)]
-    proxy = await proxy_factory(explicit_table(specs, "a", ("b",)), upstream__eject_base="5s")
+async def test_failover_backups_stops_at_the_backups(echo_pods: EchoPods, proxy_factory: ProxyFactory) -> None:
+    c, d, table = await dead_owner_and_backup(echo_pods)
+    proxy = await proxy_factory(table, upstream__eject_base="5s")
     for i in range(3):
         status, _, body = await get(proxy.port, f"k{i}")
         assert status == 502 and orjson.loads(body)["error"] == "connect_failed", body
@@ -672,11 +577,9 @@ async def test_failover_backups_stops_at_the_backups(
 
 
 @pytest.mark.timeout(60)
-async def test_panic_routes_as_if_all_were_healthy(
-    proc_pods: Callable[[str], Awaitable[ProcPod]], proxy_factory: ProxyFactory
-) -> None:
+async def test_panic_routes_as_if_all_were_healthy(proc_pods: ProcPods, proxy_factory: ProxyFactory) -> None:
     pods = [await proc_pods(f"pod-{c}") for c in "abcd"]
-    table = table_for([(p.id, p.url) for p in pods])
+    table = table_for(pods)
     proxy = await proxy_factory(
         table,
         admin=True,
@@ -688,7 +591,6 @@ async def test_panic_routes_as_if_all_were_healthy(
     )
     owned = keys_by_owner(table)
     survivor, dead = pods[3], pods[:3]
-    assert all(owned.get(p.id) for p in pods), owned
     for p in dead:
         p.kill()
     # One request at a time for the dead pods' keys: each ejects the dead
@@ -773,7 +675,7 @@ def test_a_failed_probe_restarts_the_count_of_good_ones() -> None:
 
 
 async def test_active_health_checks_eject_and_restore_without_traffic(
-    echo_pods: Callable[..., Awaitable[Pod]], proxy_factory: ProxyFactory
+    echo_pods: EchoPods, proxy_factory: ProxyFactory
 ) -> None:
     health = {"status": 500}
     probes: list[str] = []
@@ -787,7 +689,7 @@ async def test_active_health_checks_eject_and_restore_without_traffic(
 
     sick = await echo_pods("sick", with_health)
     ok = await echo_pods("ok")
-    table = explicit_table([("sick", sick.url), ("ok", ok.url)], "sick", ("ok",))
+    table = explicit_table([sick, ok], "sick", ("ok",))
     proxy = await proxy_factory(
         table,
         admin=True,

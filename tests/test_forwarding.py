@@ -8,7 +8,7 @@ import hashlib
 import aiohttp
 from aiohttp import web
 
-from .conftest import POD, Pod, Proxy, Raw, header_map, json_body, start_pod, table_for
+from .conftest import POD, EchoPods, Pod, Proxy, ProxyFactory, connect, header_map, json_body, opened, table_for
 
 
 async def test_same_key_same_pod_and_wire_headers(proxy: Proxy, pods: list[Pod]) -> None:
@@ -35,98 +35,90 @@ async def test_same_key_same_pod_and_wire_headers(proxy: Proxy, pods: list[Pod])
 
 
 async def test_keep_alive_reuses_both_sides(proxy: Proxy, pods: list[Pod]) -> None:
-    raw = await Raw.open(proxy.port)
-    for i in range(5):
-        await raw.send(b"GET /k%d HTTP/1.1\r\nHost: t\r\nX-Routing-Key: same\r\n\r\n" % i)
-        status, headers, body = await raw.response()
-        assert status == 200
-        assert json_body(body)["path"] == f"/k{i}"
-        assert "connection" not in headers
-    pools = list(proxy.runtime.upstreams.pools.values())
-    assert sum(p.opened for p in pools) == 1
-    await raw.close()
+    async with connect(proxy.port) as raw:
+        for i in range(5):
+            await raw.send(b"GET /k%d HTTP/1.1\r\nHost: t\r\nX-Routing-Key: same\r\n\r\n" % i)
+            status, headers, body = await raw.response()
+            assert status == 200
+            assert json_body(body)["path"] == f"/k{i}"
+            assert "connection" not in headers
+        assert opened(proxy) == 1
 
 
 async def test_pipelined_requests_answered_in_order(proxy: Proxy) -> None:
-    raw = await Raw.open(proxy.port)
-    reqs = b"".join(b"GET /p%d HTTP/1.1\r\nHost: t\r\nX-Routing-Key: key-%d\r\n\r\n" % (i, i) for i in range(8))
-    await raw.send(reqs)
-    for i in range(8):
-        status, _, body = await raw.response()
-        assert status == 200
-        assert json_body(body)["path"] == f"/p{i}"
-    await raw.close()
+    async with connect(proxy.port) as raw:
+        reqs = b"".join(b"GET /p%d HTTP/1.1\r\nHost: t\r\nX-Routing-Key: key-%d\r\n\r\n" % (i, i) for i in range(8))
+        await raw.send(reqs)
+        for i in range(8):
+            status, _, body = await raw.response()
+            assert status == 200
+            assert json_body(body)["path"] == f"/p{i}"
 
 
 async def test_pipelined_posts_with_bodies(proxy: Proxy) -> None:
-    raw = await Raw.open(proxy.port)
-    reqs = b""
-    for i in range(4):
-        body = bytes([65 + i]) * (1000 * (i + 1))
-        reqs += b"POST /b%d HTTP/1.1\r\nHost: t\r\nX-Routing-Key: k%d\r\nContent-Length: %d\r\n\r\n%s" % (
-            i,
-            i,
-            len(body),
-            body,
-        )
-    await raw.send(reqs)
-    for i in range(4):
-        status, _, body = await raw.response()
-        info = json_body(body)
-        assert status == 200 and info["path"] == f"/b{i}"
-        assert info["body_len"] == 1000 * (i + 1)
-        assert info["body_sha"] == hashlib.sha256(bytes([65 + i]) * (1000 * (i + 1))).hexdigest()
-    await raw.close()
+    async with connect(proxy.port) as raw:
+        reqs = b""
+        for i in range(4):
+            body = bytes([65 + i]) * (1000 * (i + 1))
+            reqs += b"POST /b%d HTTP/1.1\r\nHost: t\r\nX-Routing-Key: k%d\r\nContent-Length: %d\r\n\r\n%s" % (
+                i,
+                i,
+                len(body),
+                body,
+            )
+        await raw.send(reqs)
+        for i in range(4):
+            status, _, body = await raw.response()
+            info = json_body(body)
+            assert status == 200 and info["path"] == f"/b{i}"
+            assert info["body_len"] == 1000 * (i + 1)
+            assert info["body_sha"] == hashlib.sha256(bytes([65 + i]) * (1000 * (i + 1))).hexdigest()
 
 
 async def test_connection_close_is_honoured(proxy: Proxy) -> None:
-    raw = await Raw.open(proxy.port)
-    await raw.send(b"GET / HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\nConnection: close\r\n\r\n")
-    status, headers, _ = await raw.response()
-    assert status == 200
-    assert headers["connection"] == "close"
-    assert await raw.closed()
-    await raw.close()
+    async with connect(proxy.port) as raw:
+        await raw.send(b"GET / HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\nConnection: close\r\n\r\n")
+        status, headers, _ = await raw.response()
+        assert status == 200
+        assert headers["connection"] == "close"
+        assert await raw.closed()
 
 
 async def test_http10_client(proxy: Proxy) -> None:
-    raw = await Raw.open(proxy.port)
-    await raw.send(b"GET /old HTTP/1.0\r\nX-Routing-Key: a\r\n\r\n")
-    status, headers, body = await raw.response()
-    assert status == 200
-    info = json_body(body)
-    # The pod gets HTTP/1.1 with a Host header made from its address.
-    assert info["version"] == "1.1"
-    assert header_map(info)["host"][0].startswith("127.0.0.1:")
-    assert header_map(info)["via"] == ["1.0 keyroute"]
-    assert await raw.closed()
-    await raw.close()
+    async with connect(proxy.port) as raw:
+        await raw.send(b"GET /old HTTP/1.0\r\nX-Routing-Key: a\r\n\r\n")
+        status, headers, body = await raw.response()
+        assert status == 200
+        info = json_body(body)
+        # The pod gets HTTP/1.1 with a Host header made from its address.
+        assert info["version"] == "1.1"
+        assert header_map(info)["host"][0].startswith("127.0.0.1:")
+        assert header_map(info)["via"] == ["1.0 keyroute"]
+        assert await raw.closed()
     # An HTTP/1.0 client that asks for keep-alive gets it.
-    raw = await Raw.open(proxy.port)
-    for _ in range(2):
-        await raw.send(b"GET /old HTTP/1.0\r\nX-Routing-Key: a\r\nConnection: keep-alive\r\n\r\n")
-        status, headers, _ = await raw.response()
-        assert status == 200 and headers["connection"].lower() == "keep-alive"
-    await raw.close()
+    async with connect(proxy.port) as raw:
+        for _ in range(2):
+            await raw.send(b"GET /old HTTP/1.0\r\nX-Routing-Key: a\r\nConnection: keep-alive\r\n\r\n")
+            status, headers, _ = await raw.response()
+            assert status == 200 and headers["connection"].lower() == "keep-alive"
 
 
 async def test_chunked_upload_is_reframed(proxy: Proxy) -> None:
-    raw = await Raw.open(proxy.port)
-    chunks = [b"hello ", b"chunked ", b"world" * 1000]
-    body = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\nX-Trailer: t\r\n\r\n"
-    await raw.send(b"POST /up HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
-    status, _, resp = await raw.response()
-    info = json_body(resp)
-    assert status == 200
-    assert info["body_sha"] == hashlib.sha256(b"".join(chunks)).hexdigest()
-    h = header_map(info)
-    assert h["transfer-encoding"] == ["chunked"]
-    assert "x-trailer" not in h  # trailers are dropped
-    # The connection is still good.
-    await raw.send(b"GET /after HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\n\r\n")
-    status, _, resp = await raw.response()
-    assert status == 200 and json_body(resp)["path"] == "/after"
-    await raw.close()
+    async with connect(proxy.port) as raw:
+        chunks = [b"hello ", b"chunked ", b"world" * 1000]
+        body = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\nX-Trailer: t\r\n\r\n"
+        await raw.send(b"POST /up HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+        status, _, resp = await raw.response()
+        info = json_body(resp)
+        assert status == 200
+        assert info["body_sha"] == hashlib.sha256(b"".join(chunks)).hexdigest()
+        h = header_map(info)
+        assert h["transfer-encoding"] == ["chunked"]
+        assert "x-trailer" not in h  # trailers are dropped
+        # The connection is still good.
+        await raw.send(b"GET /after HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\n\r\n")
+        status, _, resp = await raw.response()
+        assert status == 200 and json_body(resp)["path"] == "/after"
 
 
 async def _streamer(request: web.Request) -> web.StreamResponse:
@@ -139,7 +131,9 @@ async def _streamer(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def test_chunked_download_and_head_204_304(proxy_factory, pods: list[Pod]) -> None:  # type: ignore[no-untyped-def]
+async def test_chunked_download_and_head_204_304(
+    proxy_factory: ProxyFactory, pods: list[Pod], echo_pods: EchoPods
+) -> None:
     async def no_content(request: web.Request) -> web.Response:
         return web.Response(status=204, headers={"X-Pod": "n"})
 
@@ -155,10 +149,9 @@ async def test_chunked_download_and_head_204_304(proxy_factory, pods: list[Pod])
         app.router.add_get("/304", not_modified)
         app.router.add_get("/sized", head_target)
 
-    pod = await start_pod("pod-s", routes)
-    try:
-        proxy = await proxy_factory(table_for([pod]))
-        raw = await Raw.open(proxy.port)
+    pod = await echo_pods("pod-s", routes)
+    proxy = await proxy_factory(table_for([pod]))
+    async with connect(proxy.port) as raw:
         await raw.send(b"GET /stream HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\n\r\n")
         status, headers, body = await raw.response()
         assert status == 200 and headers["transfer-encoding"] == "chunked"
@@ -176,25 +169,21 @@ async def test_chunked_download_and_head_204_304(proxy_factory, pods: list[Pod])
         await raw.send(b"GET /sized HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\n\r\n")
         status, headers, body = await raw.response()
         assert status == 200 and body == b"x" * 1234
-        await raw.close()
-    finally:
-        await pod.runner.cleanup()
 
 
 async def test_expect_100_continue(proxy: Proxy) -> None:
-    raw = await Raw.open(proxy.port)
-    await raw.send(
-        b"POST /e HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
-    )
-    status, _, _ = await raw.response()
-    assert status == 100
-    await raw.send(b"abcde")
-    status, _, body = await raw.response()
-    assert status == 200 and json_body(body)["body_len"] == 5
-    await raw.close()
+    async with connect(proxy.port) as raw:
+        await raw.send(
+            b"POST /e HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        status, _, _ = await raw.response()
+        assert status == 100
+        await raw.send(b"abcde")
+        status, _, body = await raw.response()
+        assert status == 200 and json_body(body)["body_len"] == 5
 
 
-async def test_websocket_upgrade_is_spliced(proxy_factory) -> None:  # type: ignore[no-untyped-def]
+async def test_websocket_upgrade_is_spliced(proxy_factory: ProxyFactory, echo_pods: EchoPods) -> None:
     async def ws_handler(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
@@ -205,22 +194,18 @@ async def test_websocket_upgrade_is_spliced(proxy_factory) -> None:  # type: ign
     def routes(app: web.Application) -> None:
         app.router.add_get("/ws", ws_handler)
 
-    pods = [await start_pod(f"ws-{i}", routes) for i in range(3)]
-    try:
-        proxy = await proxy_factory(table_for(pods))
-        table = proxy.runtime.table
-        assert table is not None
-        async with aiohttp.ClientSession() as s:
-            for key in ("room-1", "room-2", "room-3"):
-                owner = table.assignment.lookup(key.encode()).pod.id
-                async with s.ws_connect(proxy.base + "/ws", headers={"X-Routing-Key": key}) as ws:
-                    for i in range(3):
-                        await ws.send_str(f"m{i}")
-                        msg = await ws.receive(timeout=5)
-                        assert msg.data == f"{owner}:m{i}"
-    finally:
-        for p in pods:
-            await p.runner.cleanup()
+    pods = [await echo_pods(f"ws-{i}", routes) for i in range(3)]
+    proxy = await proxy_factory(table_for(pods))
+    table = proxy.runtime.table
+    assert table is not None
+    async with aiohttp.ClientSession() as s:
+        for key in ("room-1", "room-2", "room-3"):
+            owner = table.assignment.lookup(key.encode()).pod.id
+            async with s.ws_connect(proxy.base + "/ws", headers={"X-Routing-Key": key}) as ws:
+                for i in range(3):
+                    await ws.send_str(f"m{i}")
+                    msg = await ws.receive(timeout=5)
+                    assert msg.data == f"{owner}:m{i}"
 
 
 async def test_concurrent_clients_many_keys(proxy: Proxy) -> None:

@@ -20,15 +20,9 @@ import pytest
 
 from proxy import assignment as core
 
-from .conftest import Raw
+from .conftest import connect, free_port, parse_metrics
 
 GIB = 1 << 30
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_table(path: Path, pods: list[tuple[str, int]], generation: int = 5) -> None:
@@ -143,13 +137,22 @@ async def bulk_pod() -> AsyncIterator[int]:
         await server.wait_closed()
 
 
-@pytest.mark.timeout(120)
-async def test_gib_download_and_upload_with_flat_memory(tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def proxied_bulk_pod(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[ProxyProcess]:
+    """``keyroute run`` (with ``args``) over a table whose one pod, "p", is a ``bulk_pod``."""
     async with bulk_pod() as pod_port:
         table = tmp_path / "t.json"
-        write_table(table, [("bulk", pod_port)])
-        with run_proxy(table) as px:
-            raw = await Raw.open(px.port)
+        write_table(table, [("p", pod_port)])
+        with run_proxy(table, *args, env=env) as px:
+            yield px
+
+
+@pytest.mark.timeout(120)
+async def test_gib_download_and_upload_with_flat_memory(tmp_path: Path) -> None:
+    async with proxied_bulk_pod(tmp_path) as px:
+        async with connect(px.port) as raw:
             # Warm up, then take the baseline resident size.
             await raw.send(b"GET /down/1000 HTTP/1.1\r\nHost: t\r\nX-Routing-Key: k\r\n\r\n")
             await raw.response()
@@ -175,45 +178,38 @@ async def test_gib_download_and_upload_with_flat_memory(tmp_path: Path) -> None:
             status, _, body = await raw.response(timeout=60)
             assert status == 200 and int(body) == GIB
             peak = vm_kib(px.proc.pid, "VmHWM")
-            await raw.close()
-            # 2 GiB went through; the proxy's peak resident size grew by far less.
-            assert peak - base < 64 * 1024, f"peak RSS {peak} KiB vs baseline {base} KiB"
+        # 2 GiB went through; the proxy's peak resident size grew by far less.
+        assert peak - base < 64 * 1024, f"peak RSS {peak} KiB vs baseline {base} KiB"
 
 
 async def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
-    async with bulk_pod() as pod_port:
-        table = tmp_path / "t.json"
-        write_table(table, [("p", pod_port)])
-        with run_proxy(table) as px:
-            raw = await Raw.open(px.port)
+    async with proxied_bulk_pod(tmp_path) as px:
+        async with connect(px.port) as raw:
             await raw.send(b"GET /slow/0.8 HTTP/1.1\r\nHost: t\r\nX-Routing-Key: k\r\n\r\n")
             await asyncio.sleep(0.2)
             px.proc.send_signal(signal.SIGTERM)
             status, headers, body = await raw.response(timeout=10)
             assert status == 200 and body == b"slow"
             assert headers["connection"] == "close"
-            await raw.close()
-            assert await asyncio.to_thread(px.proc.wait, 10) == 0
-            with pytest.raises(OSError):
-                socket.create_connection(("127.0.0.1", px.port), timeout=1).close()
+        assert await asyncio.to_thread(px.proc.wait, 10) == 0
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", px.port), timeout=1).close()
 
 
 async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
-    async with bulk_pod() as pod_port:
-        table = tmp_path / "t.json"
-        write_table(table, [("p", pod_port)])
-        with run_proxy(table, env={"KEYROUTE_PROXY_SHUTDOWN_TIMEOUT": "30s"}) as px:
-            raw = await Raw.open(px.port)
-            await raw.send(b"GET /slow/20 HTTP/1.1\r\nHost: t\r\nX-Routing-Key: k\r\n\r\n")
-            await asyncio.sleep(0.3)
-            px.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            assert px.proc.poll() is None  # still draining
-            started = time.monotonic()
-            px.proc.send_signal(signal.SIGTERM)
-            code = await asyncio.to_thread(px.proc.wait, 10)
-            assert code != 0 and time.monotonic() - started < 5
-            await raw.close()
+    async with (
+        proxied_bulk_pod(tmp_path, env={"KEYROUTE_PROXY_SHUTDOWN_TIMEOUT": "30s"}) as px,
+        connect(px.port) as raw,
+    ):
+        await raw.send(b"GET /slow/20 HTTP/1.1\r\nHost: t\r\nX-Routing-Key: k\r\n\r\n")
+        await asyncio.sleep(0.3)
+        px.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        assert px.proc.poll() is None  # still draining
+        started = time.monotonic()
+        px.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(px.proc.wait, 10)
+        assert code != 0 and time.monotonic() - started < 5
 
 
 def _children(pid: int) -> list[int]:
@@ -228,42 +224,38 @@ def _children(pid: int) -> list[int]:
 
 
 async def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
-    async with bulk_pod() as pod_port:
-        table = tmp_path / "t.json"
-        write_table(table, [("p", pod_port)])
-        admin_port = free_port()
-        with run_proxy(table, "--workers", "2", "--admin", f"127.0.0.1:{admin_port}") as px:
-            deadline = time.monotonic() + 10
-            while len(_children(px.proc.pid)) < 2 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            workers = _children(px.proc.pid)
-            assert len(workers) == 2
-            for i in range(20):
-                raw = await Raw.open(px.port)
+    admin_port = free_port()
+    async with proxied_bulk_pod(tmp_path, "--workers", "2", "--admin", f"127.0.0.1:{admin_port}") as px:
+        deadline = time.monotonic() + 10
+        while len(_children(px.proc.pid)) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        workers = _children(px.proc.pid)
+        assert len(workers) == 2
+        for i in range(20):
+            async with connect(px.port) as raw:
                 await raw.send(b"GET /x HTTP/1.1\r\nHost: t\r\nX-Routing-Key: k%d\r\nConnection: close\r\n\r\n" % i)
                 status, headers, body = await raw.response()
                 assert status == 200 and body == b"ok" and headers["x-keyroute-pod"] == "p"
-                await raw.close()
-            # Any worker's /metrics counts what all workers served.
-            deadline = time.monotonic() + 10
-            while True:
-                samples = await asyncio.to_thread(_metrics, admin_port)
-                served = sum(v for k, v in samples.items() if k.startswith("keyroute_responses_total{"))
-                if (served, samples.get("keyroute_workers")) == (20, 2) or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.2)
-            assert served == 20 and samples["keyroute_workers"] == 2
-            # A worker that dies is replaced.
-            os.kill(workers[0], signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                now = _children(px.proc.pid)
-                if len(now) == 2 and workers[0] not in now:
-                    break
-                await asyncio.sleep(0.1)
-            assert len(_children(px.proc.pid)) == 2
-            px.proc.send_signal(signal.SIGTERM)
-            assert await asyncio.to_thread(px.proc.wait, 15) == 0
+        # Any worker's /metrics counts what all workers served.
+        deadline = time.monotonic() + 10
+        while True:
+            samples = await asyncio.to_thread(_metrics, admin_port)
+            served = sum(v for k, v in samples.items() if k.startswith("keyroute_responses_total{"))
+            if (served, samples.get("keyroute_workers")) == (20, 2) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        assert served == 20 and samples["keyroute_workers"] == 2
+        # A worker that dies is replaced.
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            now = _children(px.proc.pid)
+            if len(now) == 2 and workers[0] not in now:
+                break
+            await asyncio.sleep(0.1)
+        assert len(_children(px.proc.pid)) == 2
+        px.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(px.proc.wait, 15) == 0
 
 
 def _metrics(port: int) -> dict[str, float]:
@@ -272,13 +264,7 @@ def _metrics(port: int) -> dict[str, float]:
         data = b""
         while chunk := s.recv(65536):
             data += chunk
-    body = data.split(b"\r\n\r\n", 1)[1].decode()
-    out = {}
-    for line in body.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
+    return parse_metrics(data.split(b"\r\n\r\n", 1)[1].decode())
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -330,10 +316,9 @@ async def test_demo_routes_and_moves_a_key(tmp_path: Path) -> None:
         assert table is not None
 
         async def ask(key: bytes) -> str:
-            raw = await Raw.open(port)
-            await raw.send(b"GET /hello HTTP/1.1\r\nHost: t\r\nX-Routing-Key: %s\r\n\r\n" % key)
-            status, headers, body = await raw.response()
-            await raw.close()
+            async with connect(port) as raw:
+                await raw.send(b"GET /hello HTTP/1.1\r\nHost: t\r\nX-Routing-Key: %s\r\n\r\n" % key)
+                status, headers, body = await raw.response()
             assert status == 200 and body.startswith(headers["x-keyroute-pod"].encode())
             return headers["x-keyroute-pod"]
 
