@@ -14,6 +14,7 @@ from typing import Any, TextIO
 import orjson
 
 from . import assignment as core
+from . import sources
 from .config import FLAG_KEYS, ConfigError, Settings
 from .config import load as load_settings
 
@@ -22,13 +23,14 @@ class UsageError(Exception):
     """A bad argument; printed without a traceback, exit code 2."""
 
 
-def _read_table(path: str) -> core.Assignment:
+def _table(path: str) -> core.Assignment:
+    """``sources.read_file``, worded for the command line: what is wrong comes
+    right after "invalid table:" (as for tables built from flags), then the file."""
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise core.AssignmentError(f"cannot read table {path!r}: {exc.strerror}") from None
-    return core.parse(data)
+        return sources.read_file(path)
+    except core.AssignmentError as exc:
+        detail = str(exc).removeprefix(f"{path}: ")
+        raise core.AssignmentError(f"{detail} (in {path})") from None
 
 
 def _pct(x: float) -> str:
@@ -61,14 +63,14 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
         if args.config:
             return 0
         raise UsageError("check: give a table FILE, or --config FILE")
-    table = _read_table(args.file)
+    table = _table(args.file)
     print(f"table {args.file}: ok", file=out)
     _describe(table, out)
     return 0
 
 
 def cmd_lookup(args: argparse.Namespace, out: TextIO) -> int:
-    table = _read_table(args.file)
+    table = _table(args.file)
     rows = []
     for key in args.keys:
         raw = key.encode("utf-8", "surrogateescape")
@@ -127,7 +129,7 @@ def cmd_gen(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"--slices {args.slices}: expected 1 to {core.MAX_SLICE_COUNT}")
     if args.generation is not None and not 1 <= args.generation <= core.MAX_POSITION:
         raise UsageError(f"--generation {args.generation}: expected a positive integer (Unix ms work well)")
-    old = _read_table(args.from_) if args.from_ else None
+    old = _table(args.from_) if args.from_ else None
     specs = [_parse_pod_arg(p) for p in args.pod]
     if not specs:
         if old is None:
@@ -206,7 +208,7 @@ def cmd_serve_table(args: argparse.Namespace, out: TextIO) -> int:
     from .tableserver import serve_table
 
     host, port = parse_address(args.listen, "--listen")
-    _read_table(args.file)  # a bad file stops here, with the located error
+    _table(args.file)  # a bad file stops here, with the located error
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     async def run() -> None:
@@ -277,6 +279,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args, out))
+    except sources.SourceError as exc:
+        print(f"keyroute {args.command}: cannot read table: {exc}", file=sys.stderr)
+        return 1
     except core.AssignmentError as exc:
         print(f"keyroute {args.command}: invalid table: {exc}", file=sys.stderr)
         return 1
