@@ -62,14 +62,15 @@ def read_table(path: str) -> Assignment:
     return parse(data)
 
 
-def _helper(conn: Connection) -> None:
+def _helper(conn: Connection, idle: bool) -> None:
     """The helper process: run each call it is sent, answer with its result
     or its exception. Exits when the proxy closes the pipe (or dies)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the proxy's to handle
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        os.nice(19)
+    if idle:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        except (AttributeError, OSError):
+            os.nice(19)
     while True:
         try:
             fn, args = conn.recv()
@@ -86,9 +87,12 @@ def _helper(conn: Connection) -> None:
 
 
 class Offload:
-    """One helper process, started on first use; see the module docstring."""
+    """One helper process, started on first use; see the module docstring.
+    ``idle=False`` keeps the helper at normal priority (``keyroute
+    serve-table``, whose only work is tables)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, idle: bool = True) -> None:
+        self.idle = idle
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
@@ -159,7 +163,10 @@ class Offload:
                 root = str(Path(__file__).resolve().parent.parent)
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", __name__, str(fd)], pass_fds=[fd], stdin=subprocess.DEVNULL, env=env
+                    [sys.executable, "-m", __name__, str(fd), "idle" if self.idle else "normal"],
+                    pass_fds=[fd],
+                    stdin=subprocess.DEVNULL,
+                    env=env,
                 )
                 self._conn = Connection(ours.detach())
         return self._conn
@@ -196,4 +203,4 @@ def _expands(doc: Any) -> bool:
 
 
 if __name__ == "__main__":
-    _helper(Connection(int(sys.argv[1])))
+    _helper(Connection(int(sys.argv[1])), sys.argv[2:] != ["normal"])

@@ -20,12 +20,14 @@ from collections.abc import Callable
 from aiohttp import web
 
 from .assignment import Assignment
+from .offload import Offload
 from .sources import Failure, judge, read_file
 from .sources.file import FileSource
 from .sources.http import LONG_POLL_HEADER
 
 log = logging.getLogger("keyroute.serve-table")
 MAX_WAIT = 300.0
+INLINE_DUMP_SLICES = 4096
 
 
 class TableServer:
@@ -42,9 +44,9 @@ class TableServer:
         self.closing = True
         self.changed.set()
 
-    def publish(self, table: Assignment) -> None:
+    def publish(self, table: Assignment, body: bytes | None = None) -> None:
         self.table = table
-        self.body = table.dumps(explicit=not table.generated)
+        self.body = table.dumps(explicit=not table.generated) if body is None else body
         self.changed.set()
         self.changed = asyncio.Event()
 
@@ -81,7 +83,7 @@ class TableServer:
             return web.Response(status=304, headers={"ETag": self._etag(), LONG_POLL_HEADER: "1"})
         return self._answer(request)
 
-    async def watch(self, source: FileSource) -> None:
+    async def watch(self, source: FileSource, offload: Offload) -> None:
         async for item in source.updates():
             if isinstance(item, Failure):
                 log.warning("table refused, generation %d stays: %s", self.table.generation, item.detail)
@@ -89,7 +91,10 @@ class TableServer:
             verdict = judge(self.table, item)
             if verdict is None:
                 log.info("serving generation %d", item.generation)
-                self.publish(item)
+                body = None
+                if not item.generated and item.slice_count > INLINE_DUMP_SLICES:
+                    body = await offload.run(Assignment.dumps, item)  # ~10 MB for 100k slices
+                self.publish(item, body)
             elif verdict:
                 log.warning("table refused, generation %d stays: %s", self.table.generation, verdict)
 
@@ -105,6 +110,8 @@ async def serve_table(
     """Serve until ``stop`` is done. ``ready`` is called with the bound port
     (useful with port 0) once the listener accepts connections."""
     server = TableServer(path, read_file(path))
+    # Tables are all this server does: its helper runs at normal priority.
+    offload = Offload(idle=False)
     app = web.Application()
     app.router.add_get("/", server.handle)
     app.router.add_get("/assignment.json", server.handle)
@@ -113,7 +120,8 @@ async def serve_table(
     site = web.TCPSite(runner, host, port)
     await site.start()
     log.info("serving %s on %s:%d (generation %d)", path, host, runner.addresses[0][1], server.table.generation)
-    watcher = asyncio.get_running_loop().create_task(server.watch(FileSource(path, poll_interval=poll_interval)))
+    source = FileSource(path, poll_interval=poll_interval, offload=offload)
+    watcher = asyncio.get_running_loop().create_task(server.watch(source, offload))
     if ready is not None:
         ready(runner.addresses[0][1])
     try:
@@ -122,3 +130,4 @@ async def serve_table(
         watcher.cancel()
         server.close()
         await runner.cleanup()
+        offload.close()
