@@ -687,15 +687,19 @@ def generate(generation: int, pods: Mapping[str, Pod], slice_count: int = DEFAUL
         w = p.weight
         u = unit(p.id, slice_count)
         columns.append([w * x for x in u] if p.active else [-1.0 / (w * x) for x in u])
+    # Straight into the columns of the table: owner and backups by pod index.
     pod_range = range(len(values))
-    owners: list[Pod] = []
-    backups: list[tuple[str, ...]] = []
+    owner, backup = array("I"), array("I")
+    combos: dict[tuple[int, ...], int] = {}
+    add_owner, add_backup, combo = owner.append, backup.append, combos.setdefault
     for keys in zip(*columns, strict=True):
         order = sorted(pod_range, key=keys.__getitem__, reverse=True)
-        owners.append(values[order[0]])
-        backups.append(tuple([ids[k] for k in order[1 : 1 + GENERATED_BACKUPS]]))
-    starts = slice_starts(slice_count)
-    return Assignment(generation, pods, starts, owners, [generation] * slice_count, backups, generated=True)
+        add_owner(order[0])
+        add_backup(combo(tuple(order[1 : 1 + GENERATED_BACKUPS]), len(combos)))
+    starts = array("Q", slice_starts(slice_count))
+    epochs = array("Q", [generation]) * slice_count
+    backups = tuple(tuple(ids[k] for k in c) for c in combos)
+    return _restore(generation, dict(pods), True, starts, owner, epochs, backup, backups, _lookup_index(starts))
 
 
 # --------------------------------------------------------------------------
