@@ -16,6 +16,9 @@ compared, for the reload log) in one helper process per proxy worker:
 * calls go one at a time over a socket pair (pickled, framed by
   ``multiprocessing.connection``), from a thread of the default executor
   that waits on the socket without the GIL;
+* the helper keeps the last ``KEEP`` tables it returned, and a call that
+  passes one of them back (``moved_share`` of the old and the new table, the
+  admin view) sends a reference instead of pickling megabytes again;
 * if the helper dies, the call that saw it falls back to a thread, and the
   next call starts a new helper.
 
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,6 +57,15 @@ INLINE_BYTES = 32 * 1024
 INLINE_GENERATE = 8 * 1024
 # ``moved_share`` walks both tables: inline below this many slices in total.
 INLINE_COMPARE = 16 * 1024
+# Tables the helper keeps (the one in force, the new one, one more).
+KEEP = 3
+
+
+@dataclass(frozen=True, slots=True)
+class _Kept:
+    """In a call's arguments: the table the helper returned for call ``seq``."""
+
+    seq: int
 
 
 def read_table(path: str) -> Assignment:
@@ -71,19 +84,28 @@ def _helper(conn: Connection, idle: bool) -> None:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         except (AttributeError, OSError):
             os.nice(19)
+    kept: dict[int, Assignment] = {}  # mirrors Offload._kept
     while True:
         try:
-            fn, args = conn.recv()
+            seq, fn, args = conn.recv()
         except (EOFError, OSError):
             return
         try:
-            result: Any = (True, fn(*args))
+            value = fn(*[kept[a.seq] if isinstance(a, _Kept) else a for a in args])
+            result: Any = (True, value)
         except Exception as exc:
             result = (False, exc)
+        else:
+            if isinstance(value, Assignment):
+                kept[seq] = value
+                while len(kept) > KEEP:
+                    del kept[min(kept)]
         try:
             conn.send(result)
-        except (BrokenPipeError, OSError):
+        except OSError:
             return
+        except Exception as exc:  # a result that does not pickle
+            conn.send((False, RuntimeError(f"{fn.__name__}: unpicklable result: {exc!r}")))
 
 
 class Offload:
@@ -97,6 +119,8 @@ class Offload:
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self._closed = False
+        self._seq = 0
+        self._kept: list[tuple[Assignment, int]] = []  # (table, seq), oldest first
         self.calls = 0  # calls answered by the helper
         self.fallbacks = 0  # calls run in a thread because the helper failed
 
@@ -135,9 +159,14 @@ class Offload:
         with self._lock:
             try:
                 conn = self._connect()
-                conn.send((fn, args))
+                self._seq += 1
+                conn.send((self._seq, fn, tuple(map(self._ref, args))))
                 answer: tuple[bool, Any] = conn.recv()
                 self.calls += 1
+                if answer[0] and isinstance(answer[1], Assignment):
+                    self._kept = [*self._kept, (answer[1], self._seq)][-KEEP:]
+                if self._closed:  # closed while we waited: close() left the helper to us
+                    self._stop()
                 return answer
             except (EOFError, OSError) as exc:
                 self._stop()
@@ -149,6 +178,12 @@ class Offload:
             return True, fn(*args)
         except Exception as exc:
             return False, exc
+
+    def _ref(self, arg: Any) -> Any:
+        for table, seq in self._kept:
+            if arg is table:
+                return _Kept(seq)
+        return arg
 
     def _connect(self) -> Connection:
         if self._closed:
@@ -174,6 +209,7 @@ class Offload:
     def _stop(self) -> None:
         proc, conn = self._proc, self._conn
         self._proc = self._conn = None
+        self._kept = []  # a new helper keeps nothing yet
         if conn is not None:
             conn.close()
         if proc is not None:
@@ -181,14 +217,17 @@ class Offload:
             proc.wait(5)
 
     def close(self) -> None:
-        """Stop the helper. Safe to call more than once; calls after it fail."""
+        """Stop the helper. Safe to call more than once; calls after it fail.
+        Does not block: a call in progress stops the helper when it returns."""
         self._closed = True
         proc = self._proc
         if proc is not None:
-            # Kill first: a call may hold the lock, waiting on the helper.
-            proc.kill()
-        with self._lock:
-            self._stop()
+            proc.kill()  # a call waiting on the helper gets EOF at once
+        if self._lock.acquire(timeout=0.5):
+            try:
+                self._stop()
+            finally:
+                self._lock.release()
 
 
 def _expands(doc: Any) -> bool:
@@ -203,4 +242,8 @@ def _expands(doc: Any) -> bool:
 
 
 if __name__ == "__main__":
-    _helper(Connection(int(sys.argv[1])), sys.argv[2:] != ["normal"])
+    # Run the helper of the imported module, not of this ``__main__`` copy:
+    # the pickled ``_Kept`` references are instances of ``proxy.offload._Kept``.
+    from proxy.offload import _helper as helper
+
+    helper(Connection(int(sys.argv[1])), sys.argv[2:] != ["normal"])

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from proxy import assignment as core
-from proxy.offload import INLINE_BYTES, Offload
+from proxy.offload import INLINE_BYTES, Offload, _Kept
 
 from .conftest import ProxyFactory
 
@@ -174,3 +174,18 @@ async def test_admin_view_of_a_big_table_is_rendered_in_the_helper(proxy_factory
                 async with s.put(px.admin + "/-/assignment", data=second.dumps(), headers=put) as r:
                     assert r.status == 200, await r.text()
     assert px.runtime.offload.calls == 3  # two renderings and the PUT
+
+
+async def test_tables_the_helper_returned_go_back_by_reference(offload: Offload) -> None:
+    tables = [big_table(g, 9000 + 100 * g) for g in (3, 5, 7, 9)]  # moved_share in the helper
+    got = [await offload.parse(t.dumps()) for t in tables]
+    # The last KEEP tables the helper returned are sent back as references,
+    # older ones (and tables it never saw) in full; the answers are the same.
+    assert [isinstance(offload._ref(g), _Kept) for g in got] == [False, True, True, True]
+    assert not isinstance(offload._ref(tables[3]), _Kept)
+    for old, new in ((got[2], got[3]), (got[0], got[3]), (tables[1], got[2])):
+        assert await offload.moved_share(old, new) == core.moved_share(old, new)
+    os.kill(helper_pid(offload), signal.SIGKILL)
+    offload._proc.wait(5)  # type: ignore[union-attr]
+    assert await offload.moved_share(got[2], got[3]) == core.moved_share(got[2], got[3])
+    assert not isinstance(offload._ref(got[3]), _Kept)  # a new helper keeps nothing yet
