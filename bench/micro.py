@@ -4,7 +4,10 @@ Measures, on one core, in this process:
 
 * parse + validate of an explicit table's JSON bytes (``assignment.parse``);
 * ``Assignment.lookup``: key hash + binary search, over pre-made random keys;
-* ``assignment.generate`` of a pods-only table (default 4096 slices).
+* ``assignment.generate`` of a pods-only table (default 4096 slices);
+* what a big reload costs the proxy's own process: unpickling the table the
+  helper process parsed (``proxy.offload``), and the table's memory
+  (``tracemalloc``, routes not built yet; building one costs ~100 bytes).
 
 Run from the repo root::
 
@@ -18,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import pickle
 import random
 import statistics
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 
 import orjson
@@ -112,6 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     parse_t = timed(lambda: core.parse(data), args.runs)
     pods = core.make_pods((f"pod-{i}", f"http://10.0.0.{i + 1}:8080", 1.0, "active") for i in range(args.pods))
     gen_t = timed(lambda: core.generate(GENERATION, pods, args.gen_slices), args.runs)
+    pickled = pickle.dumps(core.parse(data), protocol=pickle.HIGHEST_PROTOCOL)
+    unpickle_t = timed(lambda: pickle.loads(pickled), args.runs)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    fresh = core.parse(data)
+    table_bytes = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    del fresh
 
     def row(name: str, times: list[float], fmt: Callable[[float], str]) -> tuple[str, str, str]:
         return name, fmt(statistics.median(times)), fmt(min(times))
@@ -127,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         ("  same, as a rate", f"{1 / statistics.median(lookup_t) / 1e6:.2f} M/s", f"{1 / min(lookup_t) / 1e6:.2f} M/s"),
         row("  of which the bare Python for-loop", loop_t, lambda t: f"{t * 1e9:.0f} ns"),
         row(f"generate() {args.gen_slices} slices, {args.pods} pods", gen_t, lambda t: f"{t * 1e3:.1f} ms"),
+        row(f"unpickle the parsed table ({len(pickled) / 1e6:.1f} MB)", unpickle_t, lambda t: f"{t * 1e3:.2f} ms"),
+        (f"memory of the parsed table ({args.slices} slices)", f"{table_bytes / 1e6:.1f} MB", ""),
     ]
     width = max(len(r[0]) for r in rows)
     print(f"python {sys.version.split()[0]}, {args.runs} runs each, {args.keys} keys per lookup run")

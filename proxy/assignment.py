@@ -64,6 +64,7 @@ class AssignmentError(ValueError):
 
 
 _hash64 = mmh3.hash64
+_new_tuple = tuple.__new__
 
 
 def position(key: bytes) -> int:
@@ -93,8 +94,10 @@ class Pod:
 
 
 class Route(NamedTuple):
-    """Where one slice of the key space goes. ``lookup`` returns these, built
-    once per slice, so a lookup allocates nothing after the first.
+    """Where one slice of the key space goes. ``lookup`` builds one per call
+    from the table's columns: a short-lived tuple, freed with the request. A
+    table keeps no object per slice, so garbage collections, which would walk
+    every cached route of a 100k-slice table, stay short.
 
     A named tuple rather than a frozen dataclass: just as immutable, and a
     table of a million slices builds them several times faster."""
@@ -136,8 +139,8 @@ class Assignment:
     Slices are kept as columns of machine integers (starts, owner, epoch,
     backups) rather than one object each: a 100k-slice table is a few flat
     arrays, cheap to pickle from the helper process that parses big tables
-    (``proxy.offload``) and invisible to the garbage collector. The ``Route``
-    of a slice is built the first time a lookup lands on it.
+    (``proxy.offload``) and invisible to the garbage collector. ``lookup``
+    builds the ``Route`` of a slice when asked.
     """
 
     __slots__ = (
@@ -153,7 +156,7 @@ class Assignment:
         "_pod_list",
         "_index",
         "_shift",
-        "_routes",
+        "__weakref__",
     )
 
     generation: int
@@ -211,7 +214,6 @@ class Assignment:
         self._backup = backup
         self._combos = combos
         self._pod_list = tuple(pods.values())
-        self._routes: list[Route | None] = [None] * len(starts)
         if index is None:
             index = _lookup_index(starts)
         self._shift, self._index = index
@@ -234,30 +236,28 @@ class Assignment:
         """Route for a routing key (raw header bytes)."""
         # lookup_position(position(key)), inlined: this runs once per proxied request.
         pos = _hash64(key, 0, signed=False)[0]
-        index, b = self._index, pos >> self._shift
-        i = bisect_right(self.starts, pos, index[b], index[b + 1]) - 1
-        return self._routes[i] or self.route(i)
+        index, b, starts = self._index, pos >> self._shift, self.starts
+        i = bisect_right(starts, pos, index[b], index[b + 1]) - 1
+        # route(i), inlined; tuple.__new__ skips the named tuple's Python __new__.
+        end = starts[i + 1] if i + 1 < self.slice_count else KEY_SPACE
+        pod, backups = self._pod_list[self._owner[i]], self._combos[self._backup[i]]
+        return _new_tuple(Route, (i, starts[i], end, pod, self._epoch[i], backups, self.generation))
 
     def lookup_position(self, pos: int) -> Route:
         """Route for a position in ``[0, 2**64)``."""
         index, b = self._index, pos >> self._shift
-        i = bisect_right(self.starts, pos, index[b], index[b + 1]) - 1
-        return self._routes[i] or self.route(i)
+        return self.route(bisect_right(self.starts, pos, index[b], index[b + 1]) - 1)
 
     def route(self, i: int) -> Route:
-        """The route of slice ``i``, built once."""
-        r = self._routes[i]
-        if r is None:
-            starts = self.starts
-            end = starts[i + 1] if i + 1 < self.slice_count else KEY_SPACE
-            pod = self._pod_list[self._owner[i]]
-            backups = self._combos[self._backup[i]]
-            r = self._routes[i] = Route(i, starts[i], end, pod, self._epoch[i], backups, self.generation)
-        return r
+        """The route of slice ``i``."""
+        starts = self.starts
+        end = starts[i + 1] if i + 1 < self.slice_count else KEY_SPACE
+        pod, backups = self._pod_list[self._owner[i]], self._combos[self._backup[i]]
+        return _new_tuple(Route, (i, starts[i], end, pod, self._epoch[i], backups, self.generation))
 
     @property
     def routes(self) -> tuple[Route, ...]:
-        """Every slice's route, in order (builds those not built yet)."""
+        """Every slice's route, in order."""
         return tuple(map(self.route, range(self.slice_count)))
 
     def owner_ids(self) -> list[str]:

@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -122,7 +123,9 @@ class Offload:
         self._conn: Connection | None = None
         self._closed = False
         self._seq = 0
-        self._kept: list[tuple[Assignment, int]] = []  # (table, seq), oldest first
+        # (table, seq), oldest first; weak, so that a table out of service is
+        # freed here as soon as elsewhere.
+        self._kept: list[tuple[weakref.ref[Assignment], int]] = []
         self.calls = 0  # calls answered by the helper
         self.fallbacks = 0  # calls run in a thread because the helper failed
 
@@ -166,7 +169,7 @@ class Offload:
                 answer: tuple[bool, Any] = conn.recv()
                 self.calls += 1
                 if answer[0] and isinstance(answer[1], Assignment):
-                    self._kept = [*self._kept, (answer[1], self._seq)][-KEEP:]
+                    self._kept = [*self._kept, (weakref.ref(answer[1]), self._seq)][-KEEP:]
                 if self._closed:  # closed while we waited: close() left the helper to us
                     self._stop()
                 return answer
@@ -183,7 +186,7 @@ class Offload:
 
     def _ref(self, arg: Any) -> Any:
         for table, seq in self._kept:
-            if arg is table:
+            if arg is table():
                 return _Kept(seq)
         return arg
 

@@ -72,11 +72,12 @@ _NO_BODY_STATUS = frozenset({204, 304})
 
 
 class RoutingTable:
-    """An ``Assignment`` plus what the wire and failover need per slice, built
-    lazily: header bytes and candidate pods. Swapped as one reference;
-    exchanges keep the one they started with."""
+    """An ``Assignment`` plus what the wire and failover need, built lazily:
+    header bytes per slice (bytes: the garbage collector does not track them),
+    candidate pods per owner and backups. Swapped as one reference; exchanges
+    keep the one they started with."""
 
-    __slots__ = ("assignment", "generation", "failover", "_req_tags", "_resp_tags", "_candidates", "_fixed")
+    __slots__ = ("assignment", "generation", "failover", "_req_tags", "_resp_tags", "_candidates", "_any", "_fixed")
 
     def __init__(self, assignment: Assignment, failover: str = "backups") -> None:
         self.assignment = assignment
@@ -84,7 +85,9 @@ class RoutingTable:
         self.failover = failover
         n = assignment.slice_count
         self._req_tags: list[bytes | None] = [None] * n
-        self._candidates: list[tuple[Pod, ...] | None] = [None] * n
+        self._candidates: dict[tuple[str, tuple[str, ...]], tuple[Pod, ...]] = {}
+        # failover = "any": the order depends on each slice's start.
+        self._any: list[tuple[Pod, ...] | None] = [None] * n if failover == "any" else []
         self._resp_tags: dict[str, bytes] = {}
         self._fixed: dict[str, Route] = {}
 
@@ -121,18 +124,24 @@ class RoutingTable:
         (``failover = "any"``) the other active pods in rendezvous order. The
         same on every proxy replica."""
         i = route.index
-        cands = self._candidates[i] if i >= 0 else None
+        if self._any and i >= 0:
+            cands = self._any[i]
+            if cands is None:
+                order = self._with_backups(route)
+                seen = {p.id for p in order}
+                pods = self.assignment.pods.values()
+                cands = self._any[i] = (*order, *[p for p in rank(pods, route.start) if p.id not in seen and p.active])
+            return cands
+        return self._with_backups(route)
+
+    def _with_backups(self, route: Route) -> tuple[Pod, ...]:
+        """The owner, then its backups (``failover = "backups"`` or "any"),
+        one tuple per distinct owner and backups: a table has few."""
+        key = (route.pod.id, route.backups if self.failover != "none" and route.index >= 0 else ())
+        cands = self._candidates.get(key)
         if cands is None:
             pods = self.assignment.pods
-            order = [route.pod]
-            if self.failover != "none" and i >= 0:
-                order += [pods[b] for b in route.backups]
-                if self.failover == "any":
-                    seen = {p.id for p in order}
-                    order += [p for p in rank(pods.values(), route.start) if p.id not in seen and p.active]
-            cands = tuple(order)
-            if i >= 0:
-                self._candidates[i] = cands
+            cands = self._candidates[key] = (route.pod, *[pods[b] for b in key[1]])
         return cands
 
     def fixed_route(self, pod_id: str) -> Route | None:

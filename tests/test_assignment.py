@@ -50,7 +50,7 @@ def test_position_range_and_lookup_agree(key: bytes) -> None:
     pos = core.position(key)
     assert 0 <= pos < KEY_SPACE
     # lookup() inlines position(): both paths must agree.
-    assert table.lookup(key) is table.lookup_position(pos)
+    assert table.lookup(key) == table.lookup_position(pos)
 
 
 # -- the example table -----------------------------------------------------------
@@ -87,8 +87,8 @@ def test_parse_accepts_str_and_bytes() -> None:
 def test_lookup_boundaries() -> None:
     t = core.parse(EXAMPLE.read_bytes())
     for r in t.routes:
-        assert t.lookup_position(r.start) is r
-        assert t.lookup_position(r.end - 1) is r
+        assert t.lookup_position(r.start) == r
+        assert t.lookup_position(r.end - 1) == r
     assert t.lookup_position(KEY_SPACE - 1).index == 2
 
 
