@@ -1363,6 +1363,8 @@ def follow(rt: Runtime, source: Any) -> asyncio.Task[None]:
 
     async def run() -> None:
         async for item in source.updates():
+            if rt.closing:  # draining: no new requests to route, helper stopped
+                return
             if isinstance(item, Failure):
                 rt.note_reload(item.kind, item.detail)
             else:
