@@ -260,6 +260,26 @@ async def test_file_burst_yields_final_table(tmp_path: Path, watch: str, feeds: 
     assert all(isinstance(i, core.Assignment) and i.generation == 39 for i in after), after
 
 
+async def test_file_without_inotify_falls_back_to_polling(
+    tmp_path: Path, feeds: Callable[[Any], Feed], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The kernel refuses a new inotify instance (fs.inotify.max_user_instances
+    # reached, common on busy Kubernetes nodes): the source polls instead.
+    import inotify_simple
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(inotify_simple, "INotify", refuse)
+    path = tmp_path / "assignment.json"
+    write_atomic(path, table(1).dumps())
+    feed = feeds(FileSource(str(path), watch="auto", poll_interval=0.05))
+    await feed.table(1)
+    write_atomic(path, table(2).dumps())
+    await feed.table(2)
+    assert "no inotify" in caplog.text and "Too many open files" in caplog.text
+
+
 # -- HTTP: the long-poll table server -------------------------------------------------
 
 

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from ..assignment import Assignment, AssignmentError
 from ..offload import Offload
-from . import Failure, SourceError
+from . import Failure
 
+log = logging.getLogger("keyroute.sources")
 Identity = tuple[int, int, int, int]
 # inotify events on a watched folder that can change the file PATH resolves
 # to (IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO,
@@ -131,17 +133,21 @@ class FileSource:
     async def _ticks(self) -> AsyncGenerator[None, None]:
         """One tick per settled burst of changes in the watched folders, and
         one every ``poll_interval`` in any case."""
-        if self.watch == "poll":
+        ino = None
+        if self.watch != "poll":
+            try:
+                from inotify_simple import INotify
+
+                ino = INotify(nonblocking=True)
+            except (ImportError, OSError) as exc:  # not Linux, or out of inotify instances
+                log.warning("%s: no inotify (%s): checking every %gs", self.name, exc, self.poll_interval)
+        if ino is None:
             while True:
                 await asyncio.sleep(self.poll_interval)
                 yield None
-        try:
-            from inotify_simple import INotify
-        except (ImportError, OSError) as exc:  # inotify is Linux-only
-            raise SourceError(f'assignment.watch = auto needs inotify ({exc}); set watch = "poll"') from None
         loop = asyncio.get_running_loop()
         woke = asyncio.Event()
-        with INotify(nonblocking=True) as ino:
+        with ino:
             watches: dict[str, int] = {}
 
             def on_events() -> None:
