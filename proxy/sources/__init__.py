@@ -39,7 +39,7 @@ def read_file(path: str) -> Assignment:
         with open(path, "rb") as fh:
             data = fh.read()
     except FileNotFoundError:
-        raise SourceError(f"assignment table {path!r} not found (set assignment.source or --assignment)") from None
+        raise SourceError(f"assignment table {path!r} not found") from None
     except OSError as exc:
         raise SourceError(f"assignment table {path!r}: {exc.strerror}") from None
     try:
@@ -54,7 +54,10 @@ def load_initial(source: str) -> Assignment | None:
     fill in when the first fetch succeeds."""
     if source.startswith(("http://", "https://")):
         return None
-    return read_file(file_path(source))
+    try:
+        return read_file(file_path(source))
+    except SourceError as exc:
+        raise SourceError(f"{exc} (set assignment.source or --assignment)") from None
 
 
 class Source(Protocol):
