@@ -881,11 +881,11 @@ class ClientProtocol(asyncio.Protocol):
         route = ex.route
         table = ex.table
         assert route is not None and table is not None
-        cands = table.candidates(route)
         health = self.runtime.health
         tried = ex.tried
         if not health.pods and tried is None:
-            return cands[0]
+            return route.pod  # no pod has failed: the owner, without the candidates
+        cands = table.candidates(route)
         now = self.loop.time()
         panic = health.panic(table.assignment.pods, now)
         for pod in cands:
