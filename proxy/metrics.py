@@ -200,6 +200,12 @@ class RuntimeCollector(Collector):
             value=sum(g.get("ejections", 0) for g in gauge_sets),
         )
 
+        for name, help_text in (
+            ("table_helper_calls", "Calls (parse, compare, render a big table) answered by the helper process."),
+            ("table_helper_fallbacks", "Calls run in a thread instead, because the helper process failed."),
+        ):
+            yield CounterMetricFamily(f"keyroute_{name}", help_text, value=sum(g.get(name, 0) for g in gauge_sets))
+
         age = GaugeMetricFamily(
             "keyroute_seconds_since_last_reload", "Seconds since a table was last applied (-1: never)."
         )

@@ -283,6 +283,8 @@ class Runtime:
             "pods_ejected": sum(1 for p in self.health.pods if self.health.ejected(p, self.loop.time())),
             "panic": 1 if self.health.in_panic else 0,
             "ejections": self.health.ejections_total,
+            "table_helper_calls": self.offload.calls,
+            "table_helper_fallbacks": self.offload.fallbacks,
         }
 
     def metrics_text(self) -> bytes:

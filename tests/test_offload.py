@@ -173,6 +173,10 @@ async def test_admin_view_of_a_big_table_is_rendered_in_the_helper(proxy_factory
                 async with s.put(px.admin + "/-/assignment", data=second.dumps(), headers=put) as r:
                     assert r.status == 200, await r.text()
     assert px.runtime.offload.calls == 3  # two renderings and the PUT
+    async with aiohttp.ClientSession() as s, s.get(px.admin + "/metrics") as r:
+        text = await r.text()
+    assert "keyroute_table_helper_calls_total 3.0" in text
+    assert "keyroute_table_helper_fallbacks_total 0.0" in text
 
 
 async def test_tables_the_helper_returned_go_back_by_reference(offload: Offload) -> None:
