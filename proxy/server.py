@@ -77,7 +77,17 @@ class RoutingTable:
     candidate pods per owner and backups. Swapped as one reference; exchanges
     keep the one they started with."""
 
-    __slots__ = ("assignment", "generation", "failover", "_req_tags", "_resp_tags", "_candidates", "_any", "_fixed")
+    __slots__ = (
+        "assignment",
+        "generation",
+        "failover",
+        "_req_tags",
+        "_resp_tags",
+        "_candidates",
+        "_pods",
+        "_any",
+        "_fixed",
+    )
 
     def __init__(self, assignment: Assignment, failover: str = "backups") -> None:
         self.assignment = assignment
@@ -86,8 +96,11 @@ class RoutingTable:
         n = assignment.slice_count
         self._req_tags: list[bytes | None] = [None] * n
         self._candidates: dict[tuple[str, tuple[str, ...]], tuple[Pod, ...]] = {}
-        # failover = "any": the order depends on each slice's start.
-        self._any: list[tuple[Pod, ...] | None] = [None] * n if failover == "any" else []
+        self._pods = tuple(assignment.pods.values())
+        # failover = "any": per slice, the other active pods in the slice's
+        # rendezvous order, as positions in _pods (a tuple of ints, which the
+        # garbage collector stops tracking).
+        self._any: list[tuple[int, ...] | None] = [None] * n if failover == "any" else []
         self._resp_tags: dict[str, bytes] = {}
         self._fixed: dict[str, Route] = {}
 
@@ -125,13 +138,15 @@ class RoutingTable:
         same on every proxy replica."""
         i = route.index
         if self._any and i >= 0:
-            cands = self._any[i]
-            if cands is None:
-                order = self._with_backups(route)
+            order = self._with_backups(route)
+            rest = self._any[i]
+            pods = self._pods
+            if rest is None:
                 seen = {p.id for p in order}
-                pods = self.assignment.pods.values()
-                cands = self._any[i] = (*order, *[p for p in rank(pods, route.start) if p.id not in seen and p.active])
-            return cands
+                where = {p.id: k for k, p in enumerate(pods)}
+                ranked = rank(pods, route.start)
+                rest = self._any[i] = tuple([where[p.id] for p in ranked if p.id not in seen and p.active])
+            return (*order, *[pods[k] for k in rest])
         return self._with_backups(route)
 
     def _with_backups(self, route: Route) -> tuple[Pod, ...]:
