@@ -7,8 +7,10 @@ loop for tens of milliseconds at a time. So big tables are parsed (and
 compared, for the reload log) in one helper process per proxy worker:
 
 * the helper (``python -m proxy.offload``) is started on first use and kept;
-  it runs at the lowest CPU priority (``SCHED_IDLE``, else nice 19), so on a
-  busy core it takes only the time the proxy leaves idle. It is a fresh
+  it runs at nice 19, so on a busy core it takes mostly the time the proxy
+  leaves idle (``SCHED_IDLE`` measured the same under 80% load, but starves
+  a table completely while the proxy is saturated, which is when an operator
+  may be adding pods). It is a fresh
   interpreter that imports only this module: unlike ``multiprocessing``'s
   spawn, it never re-runs the embedding program's main module;
 * it returns an ``Assignment`` as flat columns (see ``Assignment.__reduce__``):
@@ -78,15 +80,12 @@ def read_table(path: str) -> Assignment:
     return parse(data)
 
 
-def _helper(conn: Connection, idle: bool) -> None:
+def _helper(conn: Connection, low_priority: bool) -> None:
     """The helper process: run each call it is sent, answer with its result
     or its exception. Exits when the proxy closes the pipe (or dies)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the proxy's to handle
-    if idle:
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError):
-            os.nice(19)
+    if low_priority:
+        os.nice(19)
     kept: dict[int, Assignment] = {}  # mirrors Offload._kept
     while True:
         try:
@@ -113,11 +112,11 @@ def _helper(conn: Connection, idle: bool) -> None:
 
 class Offload:
     """One helper process, started on first use; see the module docstring.
-    ``idle=False`` keeps the helper at normal priority (``keyroute
+    ``low_priority=False`` keeps the helper at normal priority (``keyroute
     serve-table``, whose only work is tables)."""
 
-    def __init__(self, *, idle: bool = True) -> None:
-        self.idle = idle
+    def __init__(self, *, low_priority: bool = True) -> None:
+        self.low_priority = low_priority
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
@@ -203,7 +202,7 @@ class Offload:
                 root = str(Path(__file__).resolve().parent.parent)
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", __name__, str(fd), "idle" if self.idle else "normal"],
+                    [sys.executable, "-m", __name__, str(fd), "low" if self.low_priority else "normal"],
                     pass_fds=[fd],
                     stdin=subprocess.DEVNULL,
                     env=env,

@@ -111,7 +111,7 @@ async def serve_table(
     (useful with port 0) once the listener accepts connections."""
     server = TableServer(path, read_file(path))
     # Tables are all this server does: its helper runs at normal priority.
-    offload = Offload(idle=False)
+    offload = Offload(low_priority=False)
     app = web.Application()
     app.router.add_get("/", server.handle)
     app.router.add_get("/assignment.json", server.handle)
