@@ -21,6 +21,9 @@ compared, for the reload log) in one helper process per proxy worker:
 * the helper keeps the last ``KEEP`` tables it returned, and a call that
   passes one of them back (``moved_share`` of the old and the new table, the
   admin view) sends a reference instead of pickling megabytes again;
+* the helper exits after ``idle_exit`` seconds without a call (60 s), so
+  its memory (up to ~160 MB while parsing a 100k-slice table) is held only
+  around reloads; the next call starts a new one;
 * if the helper dies, the call that saw it falls back to a thread, and the
   next call starts a new helper.
 
@@ -80,15 +83,18 @@ def read_table(path: str) -> Assignment:
     return parse(data)
 
 
-def _helper(conn: Connection, low_priority: bool) -> None:
+def _helper(conn: Connection, low_priority: bool, idle_exit: float) -> None:
     """The helper process: run each call it is sent, answer with its result
-    or its exception. Exits when the proxy closes the pipe (or dies)."""
+    or its exception. Exits when the proxy closes the pipe (or dies), or
+    with status 0 after ``idle_exit`` seconds without a call."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the proxy's to handle
     if low_priority:
         os.nice(19)
     kept: dict[int, Assignment] = {}  # mirrors Offload._kept
     while True:
         try:
+            if not conn.poll(idle_exit):
+                return
             seq, fn, args = conn.recv()
         except (EOFError, OSError):
             return
@@ -115,8 +121,9 @@ class Offload:
     ``low_priority=False`` keeps the helper at normal priority (``keyroute
     serve-table``, whose only work is tables)."""
 
-    def __init__(self, *, low_priority: bool = True) -> None:
+    def __init__(self, *, low_priority: bool = True, idle_exit: float = 60.0) -> None:
         self.low_priority = low_priority
+        self.idle_exit = idle_exit
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
@@ -161,27 +168,39 @@ class Offload:
 
     def _call(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[bool, Any]:
         with self._lock:
-            try:
-                conn = self._connect()
-                self._seq += 1
-                conn.send((self._seq, fn, tuple(map(self._ref, args))))
-                answer: tuple[bool, Any] = conn.recv()
-                self.calls += 1
-                if answer[0] and isinstance(answer[1], Assignment):
-                    self._kept = [*self._kept, (weakref.ref(answer[1]), self._seq)][-KEEP:]
-                if self._closed:  # closed while we waited: close() left the helper to us
+            for attempt in range(2):
+                try:
+                    conn = self._connect()
+                    self._seq += 1
+                    conn.send((self._seq, fn, tuple(map(self._ref, args))))
+                    answer: tuple[bool, Any] = conn.recv()
+                    self.calls += 1
+                    if answer[0] and isinstance(answer[1], Assignment):
+                        self._kept = [*self._kept, (weakref.ref(answer[1]), self._seq)][-KEEP:]
+                    if self._closed:  # closed while we waited: close() left the helper to us
+                        self._stop()
+                    return answer
+                except (EOFError, OSError) as exc:
+                    idle = self._exited_idle()
                     self._stop()
-                return answer
-            except (EOFError, OSError) as exc:
-                self._stop()
-                if self._closed:
-                    raise
-                self.fallbacks += 1
-                log.warning("table helper process failed (%s); this table is parsed in a thread", exc)
+                    if self._closed:
+                        raise
+                    if idle and attempt == 0:
+                        continue  # it left as the call arrived: once more, on a new helper
+                    self.fallbacks += 1
+                    log.warning("table helper process failed (%s); this table is parsed in a thread", exc)
+                    break
         try:
             return True, fn(*args)
         except Exception as exc:
             return False, exc
+
+    def _exited_idle(self) -> bool:
+        """Whether the helper ended by itself, idle (status 0)."""
+        try:
+            return self._proc is not None and self._proc.wait(1) == 0
+        except subprocess.TimeoutExpired:
+            return False
 
     def _ref(self, arg: Any) -> Any:
         for table, seq in self._kept:
@@ -202,7 +221,14 @@ class Offload:
                 root = str(Path(__file__).resolve().parent.parent)
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", __name__, str(fd), "low" if self.low_priority else "normal"],
+                    [
+                        sys.executable,
+                        "-m",
+                        __name__,
+                        str(fd),
+                        "low" if self.low_priority else "normal",
+                        f"{self.idle_exit:g}",
+                    ],
                     pass_fds=[fd],
                     stdin=subprocess.DEVNULL,
                     env=env,
@@ -250,4 +276,4 @@ if __name__ == "__main__":
     # the pickled ``_Kept`` references are instances of ``proxy.offload._Kept``.
     from proxy.offload import _helper as helper
 
-    helper(Connection(int(sys.argv[1])), sys.argv[2:] != ["normal"])
+    helper(Connection(int(sys.argv[1])), sys.argv[2] != "normal", float(sys.argv[3]))

@@ -3,6 +3,7 @@ errors that name the place, and recovery when the helper dies."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
 import signal
@@ -192,3 +193,19 @@ async def test_tables_the_helper_returned_go_back_by_reference(offload: Offload)
     offload._proc.wait(5)  # type: ignore[union-attr]
     assert await offload.moved_share(got[2], got[3]) == core.moved_share(got[2], got[3])
     assert not isinstance(offload._ref(got[3]), _Kept)  # a new helper keeps nothing yet
+
+
+async def test_idle_helper_exits_and_comes_back() -> None:
+    off = Offload(idle_exit=0.3)
+    try:
+        data = big_table().dumps()
+        await off.parse(data)
+        proc = off._proc
+        assert proc is not None
+        # No call for idle_exit seconds: the helper leaves by itself, status 0.
+        assert await asyncio.to_thread(proc.wait, 10) == 0
+        same(await off.parse(data), core.parse(data))
+        assert off._proc is not None and off._proc.pid != proc.pid
+        assert (off.calls, off.fallbacks) == (2, 0)
+    finally:
+        off.close()
