@@ -337,19 +337,10 @@ def _lookup_index(starts: array[int]) -> tuple[int, array[int]]:
     return shift, array("q", accumulate(counts))
 
 
-def _restore(
-    generation: int,
-    pods: dict[str, Pod],
-    generated: bool,
-    starts: array[int],
-    owner: array[int],
-    epoch: array[int],
-    backup: array[int],
-    combos: tuple[tuple[str, ...], ...],
-    index: tuple[int, array[int]],
-) -> Assignment:
+def _restore(*columns: Any) -> Assignment:
+    """A table from ``Assignment._setup``'s arguments (unpickling, ``generate``)."""
     a = Assignment.__new__(Assignment)
-    a._setup(generation, pods, generated, starts, owner, epoch, backup, combos, index)
+    a._setup(*columns)
     return a
 
 
