@@ -1402,6 +1402,8 @@ def main(settings: Settings) -> int:
     check_accelerators()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        # Taken before the read: a change after it is read again by the source.
+        known = sources.initial_identity(settings.assignment.source)
         assignment = sources.load_initial(settings.assignment.source)
     except sources.SourceError as exc:
         print(f"keyroute run: {exc}", file=sys.stderr)
@@ -1411,12 +1413,14 @@ def main(settings: Settings) -> int:
         return 1
     n = settings.worker_count
     if n > 1:
-        return workers.supervise(settings, assignment, n)
-    return run_worker(settings, assignment)
+        return workers.supervise(settings, assignment, n, known)
+    return run_worker(settings, assignment, known)
 
 
-def run_worker(settings: Settings, assignment: Assignment | None) -> int:
-    """Serve on uvloop until SIGTERM/SIGINT; a second signal exits at once."""
+def run_worker(settings: Settings, assignment: Assignment | None, known: tuple[int, ...] | None = None) -> int:
+    """Serve on uvloop until SIGTERM/SIGINT; a second signal exits at once.
+    ``known``: the identity of the table file when ``assignment`` was read
+    from it; the file source skips its first read if the file still has it."""
     import uvloop
 
     from . import sources
@@ -1453,6 +1457,7 @@ def run_worker(settings: Settings, assignment: Assignment | None) -> int:
                 poll_interval=a.poll_interval,
                 authorization=a.authorization,
                 offload=rt.offload,
+                known=known,
             )
             watcher.append(follow(rt, source))
 

@@ -32,7 +32,7 @@ def _reserve(host: str, port: int) -> socket.socket:
     return sock
 
 
-def supervise(settings: Settings, assignment: Assignment | None, n: int) -> int:
+def supervise(settings: Settings, assignment: Assignment | None, n: int, known: tuple[int, ...] | None = None) -> int:
     from .server import run_worker
 
     host, port = settings.listen_address
@@ -55,7 +55,7 @@ def supervise(settings: Settings, assignment: Assignment | None, n: int) -> int:
                 signal.signal(sig, signal.SIG_DFL)
             code = 1
             try:
-                code = run_worker(settings, assignment)
+                code = run_worker(settings, assignment, known)
             finally:
                 os._exit(code)
         children[pid] = time.monotonic()

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -343,3 +344,42 @@ async def test_demo_routes_and_moves_a_key(tmp_path: Path) -> None:
             for f in (proc.stdout, proc.stderr):
                 if f is not None:
                     f.close()
+
+
+async def test_workers_do_not_reparse_an_unchanged_big_table(tmp_path: Path) -> None:
+    # A 5000-slice table goes to the table helper. The supervisor read it at
+    # startup; workers see the file unchanged and start no helper for it.
+    pods = core.make_pods([("p", "http://127.0.0.1:9", 1.0, "active"), ("q", "http://127.0.0.1:10", 1.0, "active")])
+    first = core.generate(5, pods, 5000)
+    table = tmp_path / "t.json"
+    table.write_bytes(first.dumps())
+    admin_port = free_port()
+
+    async def metrics_when(ok: Any) -> dict[str, float]:
+        deadline = time.monotonic() + 15
+        samples: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):  # the admin listener may not be up yet
+                samples = await asyncio.to_thread(_metrics, admin_port)
+                if ok(samples):
+                    break
+            await asyncio.sleep(0.2)
+        return samples
+
+    with run_proxy(table, "--workers", "2", "--admin", f"127.0.0.1:{admin_port}") as px:
+        samples = await metrics_when(lambda m: m.get("keyroute_workers") == 2)
+        assert samples.get("keyroute_workers") == 2
+        await asyncio.sleep(2.5)  # a worker's first read would be done, and published, by now
+        samples = await asyncio.to_thread(_metrics, admin_port)
+        assert samples["keyroute_table_helper_calls_total"] == 0
+        # A change is read by each worker, in its helper.
+        newer = core.evolve(first, pods, 6, rebalance=True)
+        (tmp_path / "t.new").write_bytes(newer.dumps())
+        os.replace(tmp_path / "t.new", table)
+        samples = await metrics_when(
+            lambda m: m.get("keyroute_generation") == 6 and m.get("keyroute_table_helper_calls_total") == 2
+        )
+        assert samples["keyroute_generation"] == 6
+        assert samples["keyroute_table_helper_calls_total"] == 2
+        px.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(px.proc.wait, 15) == 0

@@ -48,6 +48,16 @@ def read_file(path: str) -> Assignment:
         raise AssignmentError(f"{path}: {exc}") from None
 
 
+def initial_identity(source: str) -> tuple[int, ...] | None:
+    """The identity (device, inode, size, mtime) of a file source's file now;
+    None for other sources or a missing file."""
+    if source.startswith(("http://", "https://")):
+        return None
+    from .file import identity
+
+    return identity(file_path(source))
+
+
 def load_initial(source: str) -> Assignment | None:
     """The first table of a file source, read at startup so that a missing or
     invalid file stops startup. HTTP sources start empty (503, not ready) and
@@ -77,16 +87,18 @@ def open_source(
     poll_interval: float = 1.0,
     authorization: str = "",
     offload: Offload | None = None,
+    known: tuple[int, ...] | None = None,
 ) -> Source:
     """The source named by ``assignment.source``. Big tables are parsed by
-    ``offload`` (the caller's; the source starts its own if none is given)."""
+    ``offload`` (the caller's; the source starts its own if none is given).
+    ``known``: see ``FileSource``."""
     if source.startswith(("http://", "https://")):
         from .http import HttpSource
 
         return HttpSource(source, poll_interval=poll_interval, authorization=authorization, offload=offload)
     from .file import FileSource
 
-    return FileSource(file_path(source), watch=watch, poll_interval=poll_interval, offload=offload)
+    return FileSource(file_path(source), watch=watch, poll_interval=poll_interval, offload=offload, known=known)
 
 
 def judge(old: Assignment | None, new: Assignment) -> str | None:

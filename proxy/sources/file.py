@@ -56,8 +56,12 @@ class FileSource:
         debounce: float = 0.02,
         step: float = 0.002,
         offload: Offload | None = None,
+        known: tuple[int, ...] | None = None,
     ) -> None:
         self.path = path
+        # The identity of the file when the table in force was read from it
+        # (at startup): if the file still has it, the first read is skipped.
+        self.known = known
         self.watch = watch
         self.poll_interval = poll_interval
         self.debounce = debounce
@@ -92,11 +96,13 @@ class FileSource:
             await asyncio.sleep(0)
             # The file as it is now comes first: it may have changed since the
             # table in force was read (at startup, before workers started); a
-            # consumer drops a table equal to the one in force.
+            # consumer drops a table equal to the one in force. Unless the
+            # file provably did not change (``known``): then nothing to read.
             self.seen = identity(self.path)
-            first = await self._read()
-            if first is not None:
-                yield first
+            if self.known is None or self.seen != self.known:
+                first = await self._read()
+                if first is not None:
+                    yield first
             await tick
             while True:
                 item = await self._check()
