@@ -57,13 +57,17 @@ class Rendered:
         self.body = b""
 
     async def of(self, rt: Runtime, table: core.Assignment) -> bytes:
-        if self.table is not table:
-            if table.slice_count <= INLINE_RENDER_SLICES:
-                body = table.render()
-            else:
-                body = await rt.offload.run(core.Assignment.render, table)
+        if self.table is table:
+            return self.body
+        if table.slice_count <= INLINE_RENDER_SLICES:
+            body = table.render()
+        else:
+            body = await rt.offload.run(core.Assignment.render, table)
+        # Keep it only if still in force (a slower render of an older table
+        # must not replace a newer one).
+        if rt.table is not None and rt.table.assignment is table:
             self.table, self.body = table, body
-        return self.body
+        return body
 
 
 RENDERED = web.AppKey("rendered", Rendered)

@@ -41,6 +41,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,6 +130,7 @@ class Offload:
         self._conn: Connection | None = None
         self._closed = False
         self._seq = 0
+        self._last_done = 0.0  # when the helper last answered, or started
         # (table, seq), oldest first; weak, so that a table out of service is
         # freed here as soon as elsewhere.
         self._kept: list[tuple[weakref.ref[Assignment], int]] = []
@@ -174,6 +176,7 @@ class Offload:
                     self._seq += 1
                     conn.send((self._seq, fn, tuple(map(self._ref, args))))
                     answer: tuple[bool, Any] = conn.recv()
+                    self._last_done = time.monotonic()
                     self.calls += 1
                     if answer[0] and isinstance(answer[1], Assignment):
                         self._kept = [*self._kept, (weakref.ref(answer[1]), self._seq)][-KEEP:]
@@ -181,26 +184,34 @@ class Offload:
                         self._stop()
                     return answer
                 except (EOFError, OSError) as exc:
-                    idle = self._exited_idle()
+                    idle = self._idle_for() >= self.idle_exit - self._margin()
                     self._stop()
                     if self._closed:
-                        raise
+                        raise OSError("offload is closed") from exc
                     if idle and attempt == 0:
                         continue  # it left as the call arrived: once more, on a new helper
                     self.fallbacks += 1
                     log.warning("table helper process failed (%s); this table is parsed in a thread", exc)
                     break
+                except BaseException:
+                    # E.g. an answer that does not unpickle: the helper may have
+                    # kept a table we did not record. Start both sides afresh.
+                    self._stop()
+                    raise
         try:
             return True, fn(*args)
         except Exception as exc:
             return False, exc
 
-    def _exited_idle(self) -> bool:
-        """Whether the helper ended by itself, idle (status 0)."""
-        try:
-            return self._proc is not None and self._proc.wait(1) == 0
-        except subprocess.TimeoutExpired:
-            return False
+    def _idle_for(self) -> float:
+        """Seconds since the helper last answered (or started)."""
+        return time.monotonic() - self._last_done
+
+    def _margin(self) -> float:
+        # The helper's idle clock started when it sent its last answer; ours
+        # when we received it. A helper this close to leaving is replaced
+        # before a call, not raced.
+        return min(1.0, self.idle_exit / 4)
 
     def _ref(self, arg: Any) -> Any:
         for table, seq in self._kept:
@@ -211,7 +222,12 @@ class Offload:
     def _connect(self) -> Connection:
         if self._closed:
             raise OSError("offload is closed")
-        if self._conn is None or self._proc is None or self._proc.poll() is not None:
+        if (
+            self._conn is None
+            or self._proc is None
+            or self._proc.poll() is not None
+            or self._idle_for() >= self.idle_exit - self._margin()
+        ):
             self._stop()
             ours, theirs = socket.socketpair()
             with ours, theirs:
@@ -234,6 +250,7 @@ class Offload:
                     env=env,
                 )
                 self._conn = Connection(ours.detach())
+                self._last_done = time.monotonic()
         return self._conn
 
     def _stop(self) -> None:

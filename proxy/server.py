@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import gc
 import logging
 import os
@@ -1379,13 +1380,15 @@ def follow(rt: Runtime, source: Any) -> asyncio.Task[None]:
     from .sources import Failure
 
     async def run() -> None:
-        async for item in source.updates():
-            if rt.closing:  # draining: no new requests to route, helper stopped
-                return
-            if isinstance(item, Failure):
-                rt.note_reload(item.kind, item.detail)
-            else:
-                rt.offer(item)
+        # aclosing: stopping early closes the source (its watch, its helper) now.
+        async with contextlib.aclosing(source.updates()) as updates:
+            async for item in updates:
+                if rt.closing:  # draining: no new requests to route, helper stopped
+                    return
+                if isinstance(item, Failure):
+                    rt.note_reload(item.kind, item.detail)
+                else:
+                    rt.offer(item)
 
     return rt.loop.create_task(run())
 

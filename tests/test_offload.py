@@ -209,3 +209,20 @@ async def test_idle_helper_exits_and_comes_back() -> None:
         assert (off.calls, off.fallbacks) == (2, 0)
     finally:
         off.close()
+
+
+async def test_close_during_a_call_fails_it_with_oserror() -> None:
+    # Sources and the admin PUT handle OSError (cannot read / 500-free paths);
+    # a close at shutdown must not surface as another exception type.
+    off = Offload()
+    try:
+        await off.parse(big_table().dumps())  # the helper is up
+        data = big_table(9, 60000).dumps()  # long enough to be in flight
+        call = asyncio.ensure_future(off.parse(data))
+        await asyncio.sleep(0.05)
+        assert not call.done()
+        off.close()
+        with pytest.raises(OSError, match="closed"):
+            await call
+    finally:
+        off.close()
