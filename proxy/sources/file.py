@@ -154,7 +154,7 @@ class FileSource:
         loop = asyncio.get_running_loop()
         woke = asyncio.Event()
         with ino:
-            watches: dict[str, int] = {}
+            watches: dict[tuple[int, int], int] = {}
 
             def on_events() -> None:
                 ino.read(timeout=0)
@@ -180,14 +180,19 @@ class FileSource:
             finally:
                 loop.remove_reader(ino.fileno())
 
-    def _rewatch(self, ino: Any, watches: dict[str, int]) -> None:
+    def _rewatch(self, ino: Any, watches: dict[tuple[int, int], int]) -> None:
         """Watch the folder of PATH and the folder of the file it resolves to
-        now (a ConfigMap swap changes the latter)."""
-        want = {os.path.dirname(os.path.abspath(self.path)), os.path.dirname(os.path.realpath(self.path))}
-        for folder in set(watches) - want:
-            wd = watches.pop(folder)
+        now (a ConfigMap swap changes the latter). Keyed by the folders'
+        (device, inode): two paths to one folder share one inotify watch."""
+        want: dict[tuple[int, int], str] = {}
+        for folder in (os.path.dirname(os.path.abspath(self.path)), os.path.dirname(os.path.realpath(self.path))):
+            with contextlib.suppress(OSError):  # not there (yet): the poll covers it
+                st = os.stat(folder)
+                want[(st.st_dev, st.st_ino)] = folder
+        for key in set(watches) - set(want):
+            wd = watches.pop(key)
             with contextlib.suppress(OSError):  # already gone with its folder
                 ino.rm_watch(wd)
-        for folder in want - set(watches):
-            with contextlib.suppress(OSError):  # not there (yet): the poll covers it
-                watches[folder] = ino.add_watch(folder, _EVENTS)
+        for key in set(want) - set(watches):
+            with contextlib.suppress(OSError):
+                watches[key] = ino.add_watch(want[key], _EVENTS)
