@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import gc
 import logging
 import os
@@ -1374,25 +1373,6 @@ async def shutdown(rt: Runtime, server: asyncio.base_events.Server) -> None:
     await server.wait_closed()
 
 
-def follow(rt: Runtime, source: Any) -> asyncio.Task[None]:
-    """Apply what a table source yields: newer generations go in force, the
-    rest is refused, counted and logged; the table in force stays."""
-    from .sources import Failure
-
-    async def run() -> None:
-        # aclosing: stopping early closes the source (its watch, its helper) now.
-        async with contextlib.aclosing(source.updates()) as updates:
-            async for item in updates:
-                if rt.closing:  # draining: no new requests to route, helper stopped
-                    return
-                if isinstance(item, Failure):
-                    rt.note_reload(item.kind, item.detail)
-                else:
-                    rt.offer(item)
-
-    return rt.loop.create_task(run())
-
-
 # -- process entry points ---------------------------------------------------------
 
 
@@ -1426,7 +1406,7 @@ def run_worker(settings: Settings, assignment: Assignment | None, known: tuple[i
     from it; the file source skips its first read if the file still has it."""
     import uvloop
 
-    from . import sources
+    from . import reload, sources
 
     async def _main() -> None:
         loop = asyncio.get_running_loop()
@@ -1462,7 +1442,7 @@ def run_worker(settings: Settings, assignment: Assignment | None, known: tuple[i
                 offload=rt.offload,
                 known=known,
             )
-            watcher.append(follow(rt, source))
+            watcher.append(reload.follow(rt, source))
 
         watcher: list[asyncio.Task[None]] = []
         try:

@@ -16,7 +16,7 @@ import pytest
 
 from proxy import assignment as core
 from proxy.offload import INLINE_BYTES
-from proxy.server import follow
+from proxy.reload import follow
 from proxy.sources.file import FileSource
 from proxy.sources.http import HttpSource
 from proxy.tableserver import serve_table

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from proxy import assignment as core
-from proxy.server import follow
+from proxy.reload import follow
 from proxy.sources import Failure
 from proxy.sources.file import FileSource
 from proxy.sources.http import HttpSource
