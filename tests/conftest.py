@@ -390,6 +390,71 @@ async def error_response(
     return headers, error_doc(headers, body, error, generation)
 
 
+# -- waiting for events -------------------------------------------------------------
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[bool] | bool], timeout: float = 5.0, what: str = "the condition"
+) -> None:
+    """Poll ``check`` (plain or async) until it is true; fail naming ``what``
+    after ``timeout`` seconds. The bound only turns a hang into a clear
+    failure: no test depends on how long the wait takes."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    pause = 0.0
+    while True:
+        ok = check()
+        if not isinstance(ok, bool):
+            ok = await ok
+        if ok:
+            return
+        assert loop.time() < end, f"timed out after {timeout:g}s waiting for {what}"
+        # A short yield, growing to 10 ms: other tasks (and processes, on a
+        # busy machine) run while we wait, and a plain check does not spin.
+        await asyncio.sleep(pause)
+        pause = min(0.01, pause * 2 or 0.0005)
+
+
+def idle_upstreams(proxy: Proxy) -> int:
+    """Pooled connections the proxy still holds open to pods (not yet seen closed)."""
+    return sum(1 for p in proxy.runtime.upstreams.pools.values() for c in p.idle if not c.closed)
+
+
+def key_for(proxy: Proxy, pod_id: str, prefix: str = "marker") -> str:
+    """A routing key the table in force sends to ``pod_id``."""
+    table = proxy.runtime.table
+    assert table is not None
+    for i in range(10_000):
+        key = f"{prefix}-{i}"
+        if table.assignment.lookup(key.encode()).pod.id == pod_id:
+            return key
+    raise AssertionError(f"no key routes to pod {pod_id}")
+
+
+async def send_marker(proxy: Proxy, pod_id: str, path: str = "/marker") -> None:
+    """A known-good GET to ``pod_id`` on a fresh connection, answered by it."""
+    key = key_for(proxy, pod_id)
+    async with connect(proxy.port) as raw:
+        await raw.send(f"GET {path} HTTP/1.1\r\nHost: t\r\nX-Routing-Key: {key}\r\n\r\n".encode())
+        status, headers, body = await raw.response()
+    assert status == 200 and headers.get("x-keyroute-pod") == pod_id, (status, headers, body)
+
+
+async def assert_nothing_reached(proxy: Proxy, pods: Sequence[Pod]) -> None:
+    """Prove that nothing sent so far reached any of ``pods``, as a check that
+    could have failed: each pod gets a marker request on a fresh connection,
+    and only once every marker is answered do we look. Whatever the proxy had
+    (wrongly) forwarded before would have reached its pod ahead of the marker,
+    and any upstream connection it had opened for it would be counted."""
+    before = opened(proxy)
+    for pod in pods:
+        await send_marker(proxy, pod.id, f"/marker-{pod.id}")
+    assert [[r["path"] for r in p.requests] for p in pods] == [[f"/marker-{p.id}"] for p in pods]
+    if before == 0:
+        # A cold pool: one new connection per marker and none for anything else.
+        assert opened(proxy) == len(pods)
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Prometheus text -> {name{labels}: value}."""
     out = {}
