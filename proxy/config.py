@@ -76,10 +76,12 @@ class ProxySettings:
     workers: int | str = 1  # or "auto": one per core
     key_header: str = "X-Routing-Key"
     missing_key: str = "reject"  # reject | random | pod:<id>
+    allow_empty_key: bool = False  # route an empty key header as the key ""; else it counts as missing
     response_headers: bool = True
     header_timeout: float = _dur("10s")  # whole request head
     body_timeout: float = _dur("30s")  # idle time between body reads
     idle_timeout: float = _dur("60s")  # client keep-alive
+    send_timeout: float = _dur("60s")  # a client that reads nothing of its response for this long is closed
     max_header_bytes: int = 65536  # request line + headers; 431 above
     max_body_bytes: int = 0  # 0: no limit; 413 above
     shutdown_timeout: float = _dur("30s")
@@ -105,7 +107,10 @@ class AdminSettings:
 class UpstreamSettings:
     connect_timeout: float = _dur("2s")
     response_timeout: float = _dur("60s")
-    idle_timeout: float = _dur("60s")
+    # Below the 5 s keep-alive of uvicorn, Node and most pod servers, so the
+    # proxy closes an idle connection before the pod does (a request sent as
+    # the pod closes would fail).
+    idle_timeout: float = _dur("4s")
     retries: int = 2
     failover: str = "backups"  # backups | any | none
     max_idle_per_pod: int = 256

@@ -50,6 +50,33 @@ class Health:
         self.pods: dict[str, PodHealth] = {}
         self.ejections_total = 0
         self.in_panic = False
+        # The pods of the table in force, and until when the panic verdict
+        # over them holds: it changes only with a failure, a success, a new
+        # table or the end of an ejection, so requests do not recompute it.
+        self._table_pods: tuple[str, ...] = ()
+        self._table_set: frozenset[str] | None = None  # None: no table given, keep every record
+        self._panic_until = 0.0
+
+    def set_pods(self, pod_ids: Iterable[str]) -> None:
+        """A new table is in force: forget pods that left it (their records
+        would otherwise keep every request on the slow path)."""
+        self._table_pods = tuple(pod_ids)
+        keep = self._table_set = frozenset(self._table_pods)
+        for pod_id in [p for p in self.pods if p not in keep]:
+            del self.pods[pod_id]
+        self._panic_until = 0.0
+        if not self.pods:
+            self._set_panic(False, 0, len(keep))
+
+    def panic_now(self, now: float) -> bool:
+        """``panic`` over the table's pods, recomputed only when it may have changed."""
+        if now < self._panic_until:
+            return self.in_panic
+        ids = self._table_pods
+        ends = [h.ejected_until for p in ids if (h := self.pods.get(p)) is not None and h.ejected_until > now]
+        self._panic_until = min(ends) if ends else float("inf")
+        self._set_panic(len(ends) * 100 > self.max_ejected_percent * len(ids) if ids else False, len(ends), len(ids))
+        return self.in_panic
 
     def ejected(self, pod_id: str, now: float) -> bool:
         h = self.pods.get(pod_id)
@@ -58,6 +85,7 @@ class Health:
     def success(self, pod_id: str) -> None:
         if pod_id in self.pods:
             del self.pods[pod_id]
+            self._panic_until = 0.0
             log.info("pod %s healthy again", pod_id)
             if not self.pods and self.in_panic:
                 # The data plane stops asking panic() once no pod has a record.
@@ -65,6 +93,8 @@ class Health:
                 log.info("panic over: no pod ejected")
 
     def failure(self, pod_id: str, reason: str) -> None:
+        if self._table_set is not None and pod_id not in self._table_set:
+            return  # a request on an older table, to a pod that has left
         now = self.clock()
         h = self.pods.get(pod_id)
         if h is None:
@@ -76,6 +106,7 @@ class Health:
             h.ejected_until = now + backoff
             h.probe_ok = 0
             self.ejections_total += 1
+            self._panic_until = 0.0
             log.warning("pod %s ejected for %gs after %d failures (last: %s)", pod_id, backoff, h.failures, reason)
 
     def panic(self, pod_ids: Iterable[str], now: float) -> bool:
@@ -86,13 +117,16 @@ class Health:
         else:
             out = sum(1 for p in ids if self.ejected(p, now))
             panic = out * 100 > self.max_ejected_percent * len(ids)
+        self._set_panic(panic, out, len(ids))
+        return panic
+
+    def _set_panic(self, panic: bool, out: int, total: int) -> None:
         if panic != self.in_panic:
             self.in_panic = panic
             if panic:
-                log.warning("panic: %d of %d pods ejected; routing as if all were healthy", out, len(ids))
+                log.warning("panic: %d of %d pods ejected; routing as if all were healthy", out, total)
             else:
-                log.info("panic over: %d of %d pods ejected", out, len(ids))
-        return panic
+                log.info("panic over: %d of %d pods ejected", out, total)
 
     def state(self, pod_id: str, now: float) -> str:
         h = self.pods.get(pod_id)
@@ -114,7 +148,9 @@ class Health:
         comes back after ``healthy_after`` consecutive good probes."""
         if not ok:
             self.failure(pod_id, reason)
-            self.pods[pod_id].probe_ok = 0  # good probes must be consecutive
+            record = self.pods.get(pod_id)
+            if record is not None:
+                record.probe_ok = 0  # good probes must be consecutive
             return
         h = self.pods.get(pod_id)
         if h is None:

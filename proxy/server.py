@@ -187,6 +187,8 @@ class Runtime:
         self.header_timeout = p.header_timeout
         self.body_timeout = p.body_timeout
         self.idle_timeout = p.idle_timeout
+        self.send_timeout = p.send_timeout
+        self.allow_empty_key = p.allow_empty_key
         self.max_header_bytes = p.max_header_bytes
         self.max_body_bytes = p.max_body_bytes
         # How far ahead a client connection's timer is ever scheduled.
@@ -222,9 +224,17 @@ class Runtime:
         self._background: set[asyncio.Task[None]] = set()
 
     def set_assignment(self, assignment: Assignment) -> None:
-        """Publish a new table: one reference assignment."""
+        """Publish a new table: one reference assignment. What was kept for
+        pods that left the table (health records, pools, per-pod counters)
+        goes with them."""
         self.table = RoutingTable(assignment, self.settings.upstream.failover)
         self.table_loaded_at = time.time()
+        pods = assignment.pods
+        self.health.set_pods(pods)
+        self.upstreams.prune({(p.host, p.port) for p in pods.values()})
+        by_pod = self.stats.by_pod
+        for pod_id in [p for p in by_pod if p not in pods and p != "-"]:
+            del by_pod[pod_id]
 
     def offer(self, assignment: Assignment) -> str:
         """Apply ``assignment`` if its generation is above the one in force.
@@ -430,11 +440,16 @@ class Exchange:
         parts = [wire.status_line(status, reason)]
         drop: list[bytes] | None = None
         upgrade_value = None
+        codings = b""
         for name, value in headers:
             lname = name.lower()
             if lname in wire.HOP_BY_HOP:
-                if lname == b"connection":
-                    drop = wire.connection_tokens(value) or None
+                if lname == b"transfer-encoding":
+                    codings = value if not codings else codings + b"," + value
+                elif lname == b"connection":
+                    tokens = wire.connection_tokens(value)
+                    if tokens:
+                        drop = tokens if drop is None else drop + tokens
                 elif lname == b"upgrade":
                     upgrade_value = value
                 continue
@@ -455,7 +470,7 @@ class Exchange:
                 # HTTP/1.1 client, close-delimited to an HTTP/1.0 one.
                 if self.http11:
                     self.out_chunked = True
-                    parts.append(b"Transfer-Encoding: chunked\r\n")
+                    parts.append(wire.chunked_after(codings))
                 else:
                     self.close_after = True
             if self.upgrade or not self.req_done or not self.keep_alive or client.runtime.closing:
@@ -477,7 +492,9 @@ class Exchange:
         else:
             self.client.write(data)
 
-    def upstream_done(self, conn: UpstreamConnection, *, close_delimited: bool) -> None:
+    def upstream_done(self, conn: UpstreamConnection, *, reusable: bool) -> None:
+        """The response ended. ``reusable``: the pod's framing lets the
+        connection carry another request."""
         if self.out_chunked:
             self.client.write(wire.CHUNK_END)
         self.conn = None
@@ -487,8 +504,10 @@ class Exchange:
             client.runtime.stats.response(self.pod.id, self.status, elapsed)
             if client.runtime.access_log:
                 client.access(self, self.status, elapsed, None)
-        if not close_delimited and not conn.closed:
-            if self.req_done and not conn.head_only and conn.parser.should_keep_alive():
+        if not conn.closed:
+            # After a refused upgrade the pod may still be waiting for the
+            # other protocol: never reuse that connection.
+            if reusable and self.req_done and not self.upgrade:
                 conn.release()
             else:
                 conn.discard()
@@ -566,6 +585,10 @@ class ClientProtocol(asyncio.Protocol):
         "client_eof",
         "ready",
         "wbuf",
+        "held",
+        "held_size",
+        "send_timer",
+        "send_mark",
     )
 
     def __init__(self, runtime: Runtime) -> None:
@@ -592,6 +615,11 @@ class ClientProtocol(asyncio.Protocol):
         self.client_eof = False
         self.ready: Exchange | None = None
         self.wbuf: list[bytes] | None = None
+        # Bytes after an upgrade request, held until the pod answers 101.
+        self.held: list[bytes] = []
+        self.held_size = 0
+        self.send_timer: asyncio.TimerHandle | None = None
+        self.send_mark = 0  # write buffer size when the send timer was armed
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -610,6 +638,10 @@ class ClientProtocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+        self.held = []
         if self.tunnel is not None:
             self.tunnel.write_eof()
             self.tunnel.discard()
@@ -627,7 +659,7 @@ class ClientProtocol(asyncio.Protocol):
             self.tunnel.write(data)
             return
         if self.upgrading:
-            self._forward_raw(data)
+            self._hold(data)
             return
         if self.dead:
             return
@@ -679,12 +711,36 @@ class ClientProtocol(asyncio.Protocol):
         conn = self.tunnel or (self.exchange.conn if self.exchange is not None else None)
         if conn is not None:
             conn.pause_reading()
+        self._arm_send()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
         conn = self.tunnel or (self.exchange.conn if self.exchange is not None else None)
         if conn is not None:
             conn.resume_reading()
+
+    def _arm_send(self) -> None:
+        """The client is not reading: close it if its write buffer makes no
+        progress for ``send_timeout`` (a client that reads nothing must not
+        hold its exchange and a pod connection forever)."""
+        seconds = self.runtime.send_timeout
+        if seconds > 0 and self.transport is not None and not self.closed:
+            self.send_mark = self.transport.get_write_buffer_size()
+            self.send_timer = self.loop.call_later(seconds, self._on_send_timer)
+
+    def _on_send_timer(self) -> None:
+        self.send_timer = None
+        if self.closed or not self.write_paused or self.transport is None:
+            return
+        if self.transport.get_write_buffer_size() < self.send_mark:
+            self._arm_send()  # slow, but reading
+            return
+        log.info("client %s read nothing for %gs: closing", self.peer.decode(), self.runtime.send_timeout)
+        self.runtime.stats.error("send_timeout")
+        self.abort()
 
     # -- httptools callbacks ------------------------------------------------
 
@@ -722,7 +778,11 @@ class ClientProtocol(asyncio.Protocol):
             self._reject(431, "headers_too_large", f"request head exceeds {rt.max_header_bytes} bytes")
         parser = self.parser
         ex.method = method = parser.get_method()
-        ex.http11 = parser.get_http_version() == "1.1"
+        version = parser.get_http_version()
+        if version != "1.1":
+            if version[0] != "1":
+                self._reject(505, "version_not_supported", f"HTTP/{version} is not supported; use HTTP/1.1")
+            ex.http11 = version != "1.0"  # HTTP/1.x with x > 1 is served as 1.1 (RFC 9110 §2.5)
         ex.keep_alive = parser.should_keep_alive()
         if method == b"CONNECT":
             self._reject(405, "method_not_allowed", "CONNECT is not supported by a reverse proxy")
@@ -730,12 +790,14 @@ class ClientProtocol(asyncio.Protocol):
         key: bytes | None = None
         keys = 0
         te = b""
+        hosts = 0
         host = b""
         via = b""
         xff = b""
         upgrade = b""
         drop: list[bytes] | None = None
-        out = [method, b" ", ex.url, b" HTTP/1.1\r\n"]
+        url = ex.url
+        out = [method, b" ", url, b" HTTP/1.1\r\n"]
         special = _REQ_SPECIAL
         for name, value in ex.headers:
             lname = name.lower()
@@ -752,30 +814,50 @@ class ClientProtocol(asyncio.Protocol):
                 ex.req_length = int(value)
                 out.append(b"Content-Length: " + value + b"\r\n")
             elif tag == _H_TE:
-                codings = [c.strip().lower() for c in value.split(b",")]
-                if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
-                    self._reject(400, "bad_request", "Transfer-Encoding must end in a single chunked coding")
-                te = value
-                ex.req_chunked = True
+                te = value if not te else te + b"," + value
             elif tag == _H_CONN:
                 tokens = wire.connection_tokens(value)
                 if tokens:
                     drop = tokens if drop is None else drop + tokens
             elif tag == _H_HOST:
+                hosts += 1
                 host = value
-                out.append(b"Host: " + value + b"\r\n")
             elif tag == _H_VIA:
                 via = value if not via else via + b", " + value
             elif tag == _H_XFF:
                 xff = value if not xff else xff + b", " + value
             elif tag == _H_UPGRADE:
                 upgrade = value
+        if hosts != 1 and (hosts or ex.http11):
+            # RFC 9112 §3.2: exactly one Host in HTTP/1.1 (at most one in 1.0).
+            self._reject(400, "bad_host", "more than one Host header" if hosts else "HTTP/1.1 request without Host")
+        if hosts and not wire.valid_host(host):
+            self._reject(400, "bad_host", f"Host is not a valid host[:port]: {host.decode('latin-1')!r}")
+        if url[:1] != b"/":
+            target = wire.origin_form(method, url)
+            if target is None:
+                self._reject(
+                    400,
+                    "bad_request",
+                    "request target must be a path (/...), an absolute http URL, or * for OPTIONS",
+                )
+            elif target[0] != url:
+                # Absolute-form: the pod gets origin-form and the authority as Host (RFC 9112 §3.2.2).
+                url, host = target
+                hosts = 1
+                ex.url = out[2] = url
+        if te:
+            if not ex.http11:
+                self._reject(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
+            if not wire.only_chunked(te):
+                self._reject(400, "bad_request", "Transfer-Encoding must be chunked alone")
+            ex.req_chunked = True
         if keys > 1:
             self._reject(400, "duplicate_key", f"more than one {rt.settings.proxy.key_header} header")
         if drop:
             drop_set = set(drop) - {b"content-length", b"host", b"transfer-encoding"}
             out = wire.drop_named(out, 4, drop_set)
-        if via and rt.via_lower in via.lower():
+        if via and rt.via_lower in via.lower() and wire.via_names(via, rt.via_lower):
             self._error(
                 ex,
                 508,
@@ -788,6 +870,8 @@ class ClientProtocol(asyncio.Protocol):
             if limit and ex.req_length > limit:
                 self._error(ex, 413, "body_too_large", f"request body of {ex.req_length} bytes exceeds {limit}")
                 return
+        if key is not None and not key and not rt.allow_empty_key:
+            key = None
         table = rt.table
         if table is None:
             self._error(ex, 503, "no_table", "no assignment table is in force yet")
@@ -809,17 +893,17 @@ class ClientProtocol(asyncio.Protocol):
                 return
             route = fixed
         ex.route = route
-        if not host:
+        if not hosts:
             pod = route.pod
             host = b"%s:%d" % (pod.host.encode(), pod.port)
-            out.append(b"Host: " + host + b"\r\n")
+        out.insert(4, b"Host: " + host + b"\r\n")
         if te:
-            out.append(b"Transfer-Encoding: " + te + b"\r\n")
+            out.append(b"Transfer-Encoding: chunked\r\n")
         if parser.should_upgrade() and upgrade:
             ex.upgrade = True
             out.append(b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n")
-        version = b"1.1 " if ex.http11 else b"1.0 "
-        out.append(b"Via: " + (via + b", " if via else b"") + version + rt.via_token + b"\r\n")
+        version_token = b"1.1 " if ex.http11 else b"1.0 "
+        out.append(b"Via: " + (via + b", " if via else b"") + version_token + rt.via_token + b"\r\n")
         out.append(b"X-Forwarded-For: " + (xff + b", " if xff else b"") + self.peer + b"\r\n")
         out.append(b"X-Forwarded-Proto: http\r\n")
         if host:
@@ -904,7 +988,7 @@ class ClientProtocol(asyncio.Protocol):
             return route.pod  # no pod has failed: the owner, without the candidates
         cands = table.candidates(route)
         now = self.loop.time()
-        panic = health.panic(table.assignment.pods, now)
+        panic = health.panic_now(now)
         for pod in cands:
             if tried is not None and pod.id in tried:
                 continue
@@ -1017,33 +1101,35 @@ class ClientProtocol(asyncio.Protocol):
         if self.write_paused:
             conn.pause_reading()
 
-    def _forward_raw(self, data: bytes) -> None:
-        """Bytes after an upgrade request, before the pod answered it."""
-        ex = self.exchange
-        if ex is None:
-            return
-        if ex.sent and ex.conn is not None:
-            ex.conn.write(data)
-        elif ex.pending is not None:
-            ex.pending.append(data)
-            ex.pending_size += len(data)
-            if ex.pending_size > _MAX_PENDING:
-                self.pause_reading_for(_PAUSE_BUFFER)
+    def _hold(self, data: bytes) -> None:
+        """Bytes after an upgrade request, before the pod agreed to switch:
+        they may be a second HTTP request, so none reaches the pod before a
+        101 (and none at all if the pod refuses). Bounded: reading stops."""
+        self.held.append(data)
+        self.held_size += len(data)
+        if self.held_size > _MAX_PENDING:
+            self.pause_reading_for(_PAUSE_BUFFER)
 
     def _begin_upgrade(self, rest: bytes) -> None:
-        ex = self.exchange
+        # The upgrade request is the last one parsed: queued, or being served.
+        ex = self.queue[-1] if self.queue else self.exchange
         if ex is None or not ex.upgrade:
             self._fail_connection(400, "bad_request", "unexpected protocol upgrade")
             return
         self.upgrading = True
         if rest:
-            self._forward_raw(rest)
+            self._hold(rest)
 
     def start_tunnel(self, conn: UpstreamConnection) -> None:
-        """The pod answered 101: from now on bytes flow both ways untouched."""
+        """The pod answered 101: from now on bytes flow both ways untouched,
+        starting with those the client sent after its request."""
         self.tunnel = conn
         self.upgrading = False
         self.deadline = 0.0
+        if self.held:
+            conn.writelines(self.held)
+            self.held = []
+            self.held_size = 0
         ex = self.exchange
         if ex is not None:
             ex.conn = None

@@ -4,7 +4,7 @@ An ``UpstreamConnection`` parses responses with httptools and hands the events
 to the ``Exchange`` it currently serves (see ``server.py``), which writes them
 to the client. A connection goes back to its pool only when both the request
 and the response ended cleanly; anything odd (bad framing, a timeout, an
-unfinished body, a HEAD or upgrade response) discards it.
+unfinished body, an upgrade, bytes after a bodiless response) discards it.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class UpstreamConnection(asyncio.Protocol):
         "loop",
         "paused",
         "eof",
+        "write_blocked",
+        "head_end",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -74,6 +76,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_only = False
         self.paused = False
         self.eof = False
+        self.write_blocked = False  # the pod is not reading what we send
+        self.head_end = False  # a bodiless response ended at its head
 
     # -- asyncio.Protocol -------------------------------------------------
 
@@ -103,13 +107,28 @@ class UpstreamConnection(asyncio.Protocol):
             self._cancel_timer()
             ex.upstream_upgraded(self, data[offset:])
         except httptools.HttpParserError as exc:
+            if self.head_end:
+                self._end_at_head(ex, data)
             # A callback that raised _StopParsing ended the exchange itself and
             # discarded the connection; anything else is the pod's fault.
-            if self.exchange is ex and not self.closed:
+            elif self.exchange is ex and not self.closed:
                 self.discard()
                 ex.upstream_failed(self, 502, "bad_response", f"pod {self.pool.pod_id} sent bad HTTP: {exc}")
         finally:
             client.uncork()
+
+    def _end_at_head(self, ex: Exchange, data: bytes) -> None:
+        """A response to HEAD ended with its head, whatever its framing headers
+        say. httptools cannot be told that, so parsing stopped there: the
+        connection stays usable with a new parser if the head was the last
+        thing the pod sent (a pod that sent a body anyway is discarded)."""
+        self.head_end = False
+        reusable = self.parser.should_keep_alive() and data.endswith(b"\r\n\r\n")
+        self.parser = httptools.HttpResponseParser(self)
+        self.in_body = False
+        if not reusable:
+            self.discard()
+        ex.upstream_done(self, reusable=reusable)
 
     def eof_received(self) -> bool | None:
         ex = self.exchange
@@ -130,7 +149,7 @@ class UpstreamConnection(asyncio.Protocol):
             ex.upstream_tunnel_closed()
         elif self.in_body and self.resp_length < 0 and not self.resp_chunked:
             # Response delimited by the connection's close: this is its end.
-            ex.upstream_done(self, close_delimited=True)
+            ex.upstream_done(self, reusable=False)
         else:
             detail = f"pod {self.pool.pod_id} closed the connection"
             if exc is not None:
@@ -138,10 +157,12 @@ class UpstreamConnection(asyncio.Protocol):
             ex.upstream_failed(self, 502, "pod_closed", detail)
 
     def pause_writing(self) -> None:
+        self.write_blocked = True
         if self.exchange is not None:
             self.exchange.client.pause_reading_for(2)
 
     def resume_writing(self) -> None:
+        self.write_blocked = False
         if self.exchange is not None:
             self.exchange.client.resume_reading_for(2)
 
@@ -162,7 +183,9 @@ class UpstreamConnection(asyncio.Protocol):
         if lname == b"content-length":
             self.resp_length = int(value)
         elif lname == b"transfer-encoding":
-            self.resp_chunked = True
+            # Chunked only if chunked is the final coding; otherwise the body
+            # runs to the connection's close (RFC 9112 §6.3).
+            self.resp_chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -173,16 +196,21 @@ class UpstreamConnection(asyncio.Protocol):
             self.interim = True
             ex.upstream_interim(status, self.reason, self.headers)
             return
-        self.in_body = True
-        ex.upstream_head(self, status, self.reason, self.headers)
-        if self.head_only and status != 101:
-            # A response to HEAD has no body whatever its headers say, and
-            # httptools cannot be told so: end the message here and do not
-            # reuse the connection.
-            self.in_body = False
+        if status == 101 and not ex.upgrade:
             self.exchange = None
             self.discard()
-            ex.upstream_done(self, close_delimited=False)
+            ex.upstream_failed(
+                self, 502, "bad_response", f"pod {self.pool.pod_id} switched protocols on a request that asked for none"
+            )
+            raise _StopParsing
+        self.in_body = True
+        ex.upstream_head(self, status, self.reason, self.headers)
+        if self.exchange is not ex:
+            raise _StopParsing  # the exchange let go of this connection (to retry elsewhere)
+        if self.head_only and status != 101:
+            # A response to HEAD has no body whatever its headers say: stop
+            # here; data_received ends the exchange (see _end_at_head).
+            self.head_end = True
             raise _StopParsing
 
     def on_body(self, body: bytes) -> None:
@@ -198,7 +226,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.in_body = False
         if ex is None or self.tunnel or self.parser.should_upgrade():
             return  # after a 101 the tunnel starts; feed_data raises HttpParserUpgrade next
-        ex.upstream_done(self, close_delimited=False)
+        ex.upstream_done(self, reusable=self.parser.should_keep_alive())
 
     # -- use by the exchange ----------------------------------------------
 
@@ -214,8 +242,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport.write(data)
 
     def write(self, data: bytes) -> None:
+        """More of the request body: the response deadline counts from the
+        last byte sent, not from the head."""
         assert self.transport is not None
         self.transport.write(data)
+        if self.deadline:
+            self.deadline = self.loop.time() + self.pool.response_timeout
+
+    def writelines(self, data: list[bytes]) -> None:
+        assert self.transport is not None
+        self.transport.writelines(data)
 
     def write_eof(self) -> None:
         if self.transport is not None and self.transport.can_write_eof():
@@ -259,13 +295,14 @@ class UpstreamConnection(asyncio.Protocol):
         if self.closed or not self.deadline:
             return
         now = self.loop.time()
-        if self.paused:
-            # Waiting on the client, not on the pod.
+        ex = self.exchange
+        if self.paused or (ex is not None and not ex.req_done and not self.write_blocked):
+            # Waiting on the client (to read the response, or to send the rest
+            # of its request body), not on the pod.
             self.deadline = now + self.pool.response_timeout
         if now < self.deadline:
             self.timer = self.loop.call_at(self.deadline, self._on_timer)
             return
-        ex = self.exchange
         self.exchange = None
         self.discard()
         if ex is not None:
@@ -291,6 +328,7 @@ class Pool:
         "idle_timeout",
         "max_idle",
         "opened",
+        "closed",
     )
 
     def __init__(
@@ -315,6 +353,7 @@ class Pool:
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
         self.opened = 0
+        self.closed = False  # pruned: its pod left the table
 
     def take(self) -> UpstreamConnection | None:
         """An idle connection, or None if a new one must be opened."""
@@ -326,7 +365,7 @@ class Pool:
         return None
 
     def put(self, conn: UpstreamConnection) -> None:
-        if len(self.idle) >= self.max_idle:
+        if self.closed or len(self.idle) >= self.max_idle:
             conn.discard()
             return
         conn.idle_since = self.loop.time()
@@ -356,6 +395,7 @@ class Pool:
         self.idle = keep
 
     def close(self) -> None:
+        self.closed = True
         for conn in self.idle:
             conn.discard()
         self.idle = []
@@ -390,6 +430,12 @@ class Upstreams:
             if self._sweeper is None:
                 self._sweeper = self.loop.call_later(1.0, self._sweep)
         return pool
+
+    def prune(self, addresses: set[tuple[str, int]]) -> None:
+        """Close the pools of addresses no pod of the table in force has.
+        Connections serving a request finish it and are then discarded."""
+        for key in [k for k in self.pools if k not in addresses]:
+            self.pools.pop(key).close()
 
     def _sweep(self) -> None:
         now = self.loop.time()

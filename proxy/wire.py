@@ -6,6 +6,7 @@ Everything here is computed once at import; the hot path only looks things up.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from http import HTTPStatus
 from typing import Any
@@ -59,6 +60,68 @@ def drop_named(lines: list[bytes], start: int, names: set[bytes] | list[bytes]) 
     """``lines[start:]`` are "Name: value" header lines: leave out those whose
     name a Connection header listed (they are hop-by-hop too)."""
     return lines[:start] + [line for line in lines[start:] if line.split(b":", 1)[0].lower() not in names]
+
+
+_TE_CHUNKED = b"Transfer-Encoding: chunked\r\n"
+
+
+def chunked_after(codings: bytes) -> bytes:
+    """The Transfer-Encoding line for a body relayed chunked: the pod's other
+    transfer codings (e.g. gzip), if any, then chunked."""
+    if not codings:
+        return _TE_CHUNKED
+    kept = [c for c in (c.strip() for c in codings.split(b",")) if c and c.lower() != b"chunked"]
+    if not kept:
+        return _TE_CHUNKED
+    return b"Transfer-Encoding: " + b", ".join(kept) + b", chunked\r\n"
+
+
+# RFC 9110 §7.2 / RFC 3986 §3.2.2: uri-host [":" port].
+_HOST = re.compile(rb"(?:\[[0-9A-Za-z:.%~_-]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(?::[0-9]*)?")
+_ABSOLUTE = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?#]*)([^#]*)")
+
+
+def valid_host(value: bytes) -> bool:
+    """A Host value is ``uri-host[:port]`` (empty is allowed)."""
+    return _HOST.fullmatch(value) is not None
+
+
+def origin_form(method: bytes, target: bytes) -> tuple[bytes, bytes] | None:
+    """A request target that is not a path: ``*`` (OPTIONS only) comes back
+    as is with no authority; an absolute http(s) URL as (origin-form path,
+    authority) (RFC 9112 §3.2); anything else is None (refuse it)."""
+    if target == b"*":
+        return (target, b"") if method == b"OPTIONS" else None
+    m = _ABSOLUTE.fullmatch(target)
+    if m is None:
+        return None
+    authority, rest = m.groups()
+    if not authority or b"@" in authority or not valid_host(authority):
+        return None  # userinfo in a request target is refused (RFC 9110 §4.2.4)
+    if not rest:
+        rest = b"*" if method == b"OPTIONS" else b"/"
+    elif rest[:1] == b"?":
+        rest = b"/" + rest
+    return rest, authority
+
+
+def only_chunked(codings: bytes) -> bool:
+    """A request's Transfer-Encoding (all its headers joined) is chunked and
+    nothing else: any other coding is refused, not guessed at."""
+    if codings.lower() == b"chunked":
+        return True
+    return [c for c in (c.strip().lower() for c in codings.split(b",")) if c] == [b"chunked"]
+
+
+def via_names(via: bytes, token: bytes) -> bool:
+    """True if one of the Via entries was received by ``token`` (lower-case):
+    a whole received-by field, not a substring (``keyroute-edge`` is not
+    ``keyroute``)."""
+    for entry in via.split(b","):
+        fields = entry.split()
+        if len(fields) >= 2 and fields[1].lower() == token:
+            return True
+    return False
 
 
 def chunk(data: bytes) -> bytes:

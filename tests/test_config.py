@@ -42,7 +42,7 @@ def test_defaults() -> None:
     assert s.assignment.poll_interval == 1.0
     assert s.admin.token == ""
     u = s.upstream
-    assert (u.connect_timeout, u.response_timeout, u.idle_timeout) == (2.0, 60.0, 60.0)
+    assert (u.connect_timeout, u.response_timeout, u.idle_timeout) == (2.0, 60.0, 4.0)
     assert (u.retries, u.failover) == (2, "backups")
 
 
