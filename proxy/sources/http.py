@@ -5,8 +5,10 @@ Plain servers (nginx serving the file, an object store) are polled every
 ``X-Keyroute-Long-Poll: 1`` (``keyroute serve-table`` does) is long-polled:
 ``GET URL?after=<generation>&wait=<seconds>`` returns the table as soon as it is
 newer than ``after``, or 304 when ``wait`` runs out, so a change arrives at once
-without hammering the server. Errors back off exponentially with jitter; the
-table in force stays.
+without hammering the server. A long poll answered with nothing newer (a 304,
+the same body, an older table) is not repeated until ``poll_interval`` after it
+was sent: a cache in front of the server may answer at once, every time.
+Errors back off exponentially with jitter; the table in force stays.
 """
 
 from __future__ import annotations
@@ -97,8 +99,12 @@ class HttpSource:
         finally:
             if self._own_offload:
                 self.offload.close()
+                # A fresh (not yet started) one, should updates() be called
+                # again: ``reload.follow`` restarts a source that failed.
+                self.offload = Offload()
 
     async def _updates(self) -> AsyncIterator[Assignment | Failure]:
+        loop = asyncio.get_running_loop()
         failures = 0
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
             while True:
@@ -112,6 +118,7 @@ class HttpSource:
                     params = {"after": str(self.generation), "wait": f"{self.wait:g}"}
                 budget = self.timeout + (self.wait if params else 0)
                 result: Assignment | Failure | None = None
+                sent = loop.time()
                 try:
                     async with session.get(
                         self.url, params=params, headers=headers, timeout=aiohttp.ClientTimeout(total=budget)
@@ -127,22 +134,33 @@ class HttpSource:
                                 self.etag = reusable_etag(r.headers)
                                 failures = 0
                             else:
-                                self.body = data
                                 try:
                                     table = await self.offload.parse(data)
                                 except AssignmentError as exc:
                                     # Not asked again until it changes (plain servers honour the ETag).
+                                    self.body = data
                                     self.etag = reusable_etag(r.headers)
                                     result = Failure("invalid", f"{self.url}: {exc}")
                                 else:
+                                    # Remembered only once parsed: after any other
+                                    # failure (the source is restarted) the same
+                                    # body is news again.
+                                    self.body = data
                                     self.etag = reusable_etag(r.headers)
-                                    self.generation = table.generation
                                     result = table
                                     failures = 0
                         else:
                             result = Failure("error", f"{self.url}: HTTP {r.status}")
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                     result = Failure("error", f"{self.url}: {exc.__class__.__name__}: {exc}")
+                newer = isinstance(result, Assignment) and (
+                    self.generation is None or result.generation > self.generation
+                )
+                if newer:
+                    assert isinstance(result, Assignment)
+                    # Never lowered: a stale table (from a cache, say) must not
+                    # make the next long poll ask for what is already in force.
+                    self.generation = result.generation
                 if result is not None:
                     yield result
                 if isinstance(result, Failure):
@@ -150,3 +168,8 @@ class HttpSource:
                     await asyncio.sleep(self._backoff(failures))
                 elif not self.long_poll:
                     await asyncio.sleep(self.poll_interval)
+                elif not newer:
+                    # A long poll that brought nothing newer: a server parks it
+                    # for ``wait``, but a cache in front of one answers at once.
+                    # Keep to one request per ``poll_interval`` then.
+                    await asyncio.sleep(max(0.0, self.poll_interval - (loop.time() - sent)))
