@@ -18,31 +18,37 @@ from .conftest import (
     dead_pod,
     error_response,
     header_map,
+    idle_upstreams,
     json_body,
     opened,
     table_for,
+    wait_for,
 )
 
 GET = b"GET /x HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
-def replies(*responses: bytes, then_close: bool = False, linger: float = 5.0) -> Handler:
-    """A handler that reads one request and writes each of ``responses`` (with a
-    short pause between them), per connection; then closes or lingers."""
+def replies(*responses: bytes, then_close: bool = False, linger: bool = True) -> Handler:
+    """A handler that reads one request and writes each of ``responses``, per
+    connection; then closes, or (``linger``) holds the connection, unanswered,
+    until the proxy closes it."""
 
     async def handler(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             await pod.read_request(reader)
             for i, data in enumerate(responses):
                 if i:
+                    # A pod writing its response in pieces, a moment apart, so
+                    # that they reach the proxy as separate reads. Not
+                    # synchronisation: the tests pass whatever the pause.
                     await asyncio.sleep(0.02)
                 writer.write(data)
                 await writer.drain()
             if then_close:
                 return
             if linger:
-                await asyncio.sleep(linger)
+                await reader.read()
                 return
 
     return handler
@@ -86,9 +92,13 @@ async def test_nothing_listening_is_502_connect_failed(proxy_factory: ProxyFacto
 
 
 async def test_silent_pod_is_504_pod_timeout(proxy_factory: ProxyFactory, raw_pods: RawPods) -> None:
+    hung_up = asyncio.Event()
+
     async def silent(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await pod.read_request(reader)
-        await asyncio.sleep(30)
+        # Never answers; notes when the proxy gives up on the connection.
+        await reader.read()
+        hung_up.set()
 
     pod = await raw_pods(silent)
     proxy = await proxy_factory(table_for([pod]), upstream__response_timeout="300ms")
@@ -96,9 +106,14 @@ async def test_silent_pod_is_504_pod_timeout(proxy_factory: ProxyFactory, raw_po
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         await raw.send(GET)
-        await error_response(raw, 504, "pod_timeout", timeout=3)
-        assert 0.2 <= loop.time() - t0 < 2
+        await error_response(raw, 504, "pod_timeout", timeout=5)
+        # A lower bound only, which cannot flake: the proxy armed its timer
+        # (on this same loop clock) after t0.
+        assert loop.time() - t0 >= 0.3 - 0.01
+    async with asyncio.timeout(5):
+        await hung_up.wait()  # the timed-out pod connection is closed, not pooled
     assert len(pod.requests) == 1
+    assert set(proxy.runtime.stats.errors) == {"pod_timeout"}
 
 
 BAD_RESPONSES = {
@@ -197,7 +212,7 @@ SPOOF = (
 
 
 async def test_response_hop_by_hop_and_spoofed_headers(proxy_factory: ProxyFactory, raw_pods: RawPods) -> None:
-    pod = await raw_pods(replies(SPOOF, linger=0))
+    pod = await raw_pods(replies(SPOOF, linger=False))
     proxy = await proxy_factory(table_for([pod]))
     async with connect(proxy.port) as raw:
         await raw.send(GET)
@@ -214,7 +229,7 @@ async def test_response_hop_by_hop_and_spoofed_headers(proxy_factory: ProxyFacto
 
 
 async def test_response_headers_switched_off(proxy_factory: ProxyFactory, raw_pods: RawPods, pods: list[Pod]) -> None:
-    spoofer = await raw_pods(replies(SPOOF, linger=0))
+    spoofer = await raw_pods(replies(SPOOF, linger=False))
     for table in (table_for(pods), table_for([spoofer])):
         proxy = await proxy_factory(table, proxy__response_headers=False)
         async with connect(proxy.port) as raw:
@@ -328,12 +343,17 @@ async def test_pod_closes_idle_pooled_connection(proxy_factory: ProxyFactory, ra
     pod = await raw_pods(replies(OK, then_close=True))
     proxy = await proxy_factory(table_for([pod]))
     async with connect(proxy.port) as raw:
-        for _ in range(3):
+        for n in (1, 2, 3):
             await raw.send(GET)
             status, _, body = await raw.response()
             assert status == 200 and body == b"ok"
-            await asyncio.sleep(0.05)
+            # The pod's close reaches the idle pooled connection: the proxy
+            # sees it and never sends on that connection again.
+            await wait_for(lambda: idle_upstreams(proxy) == 0, what="the proxy to see the pod's close")
+            assert opened(proxy) == n
     assert pod.accepts == 3
+    assert len(pod.requests) == 3  # each sent once: no request met a dead connection
+    assert proxy.runtime.stats.retries == 0
 
 
 async def _one_then_hang_up(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
