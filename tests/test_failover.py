@@ -36,12 +36,11 @@ from .conftest import (
     parse_metrics,
     pod_specs,
     table_for,
+    wait_for,
 )
 
 CONNECT_TIMEOUT = 0.3
-# A request for a dead pod's key: at most the connect timeout, then one retry.
-FAILOVER_BUDGET = CONNECT_TIMEOUT + 0.7
-# No request may take longer than this, whatever happens to the pods.
+# A request that gets no answer within this long has hung: it counts as failed.
 DEADLINE = 3.0
 
 # A pod as a separate process: HTTP/1.1 keep-alive, answers every request with
@@ -103,7 +102,7 @@ class ProcPod:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> ProcPod:
-        for _ in range(50):
+        async def listening() -> bool:
             proc = subprocess.Popen(
                 [sys.executable, "-c", POD_SCRIPT, self.id, str(self.port)],
                 stdout=subprocess.PIPE,
@@ -111,16 +110,19 @@ class ProcPod:
                 stdin=subprocess.DEVNULL,
             )
             assert proc.stdout is not None
+            # The pod prints its port once it listens: that line is the event.
             line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 10)
             proc.stdout.close()
             if line.strip():
                 self.proc = proc
                 self.port = int(line)
-                return self
+                return True
             # Could not bind (the port is briefly in use after a kill): again.
             proc.wait(5)
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"pod {self.id} could not listen on port {self.port}")
+            return False
+
+        await wait_for(listening, 20, f"pod {self.id} to listen on port {self.port}")
+        return self
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -201,17 +203,14 @@ def total(samples: dict[str, float], name: str) -> float:
     return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
 
 
-async def wait_for(check: Callable[[], Awaitable[bool] | bool], timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while True:
-        ok = check()
-        if not isinstance(ok, bool):
-            ok = await ok
-        if ok:
-            return
-        assert loop.time() < end, f"timed out after {timeout}s waiting for {what}"
-        await asyncio.sleep(0.02)
+def failover_reasons(samples: dict[str, float]) -> set[str]:
+    """The reasons of the failovers counted so far."""
+    prefix = 'keyroute_failovers_total{reason="'
+    return {k[len(prefix) : -2] for k, v in samples.items() if k.startswith(prefix) and v}
+
+
+# Failures that cost a request a timeout before it moved on.
+WAITED = {"connect_timeout", "pod_timeout"}
 
 
 async def pod_state(proxy: Proxy, key: str, pod_id: str) -> str:
@@ -317,34 +316,40 @@ async def test_sigkill_of_a_pod_under_traffic(proc_pods: ProcPods, proxy_factory
     results: list[Result] = []
     stop = asyncio.Event()
     traffic = loop.create_task(drive(proxy.port, keys, stop, results))
+
+    def victims(after: float) -> list[Result]:
+        """Requests for the victim's keys sent after ``after``, answered."""
+        return [r for r in results if r.key in owned[victim.id] and r.sent > after]
+
     try:
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: len(results) > 50, 10, "traffic before the kill")
         before_kill = len(results)
         t_kill = loop.time()
         victim.kill()
         # Ejected: /-/lookup says so for the victim's keys.
         await wait_for(lambda: is_state(proxy, owned[victim.id][0], victim.id, "ejected"), 5, "the pod's ejection")
-        await asyncio.sleep(0.5)
+        await wait_for(lambda: len(victims(t_kill)) > 20, 10, "traffic for the dead pod's keys")
         t_restart = loop.time()
         samples = await metrics(proxy)
         await victim.restart()
 
-        def back() -> bool:
-            return any(r.key in owned[victim.id] and r.sent > t_restart and r.seen_by == victim.id for r in results)
+        def home() -> list[Result]:
+            return [r for r in victims(t_restart) if r.seen_by == victim.id]
 
-        await wait_for(back, 5, "the victim's keys to come back to it")
-        t_back = min(
-            r.done for r in results if r.key in owned[victim.id] and r.sent > t_restart and r.seen_by == victim.id
-        )
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: bool(home()), 5, "the victim's keys to come back to it")
+        t_back = min(r.done for r in home())
+        await wait_for(lambda: len(victims(t_back)) >= 10, 10, "traffic on the victim's keys once back")
     finally:
         stop.set()
         await traffic
 
     assert before_kill > 50, "too little traffic before the kill"
+    # A request that hung would have ended in a TimeoutError (after DEADLINE): failed.
     failed = [r for r in results if r.status != 200 or r.error]
     assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:5]}"
-    assert max(r.done - r.sent for r in results) < DEADLINE
+    # Fast failover: refused connections and the ejection moved requests on;
+    # none waited out a timeout first.
+    assert failover_reasons(samples) and not failover_reasons(samples) & WAITED, failover_reasons(samples)
     for r in results:
         rt = route[r.key]
         assert r.pod == r.seen_by, r  # X-Keyroute-Pod names the pod that served
@@ -355,9 +360,8 @@ async def test_sigkill_of_a_pod_under_traffic(proc_pods: ProcPods, proxy_factory
         elif r.done < t_kill:
             assert (r.seen_by, r.role) == (victim.id, "owner"), r
         elif t_kill < r.sent and r.done < t_restart:
-            # The dead pod's keys: its first backup, told it is a backup, fast.
+            # The dead pod's keys: its first backup, told it is a backup.
             assert (r.seen_by, r.role) == (rt.backups[0], "backup"), r
-            assert r.done - r.sent < FAILOVER_BUDGET, r
         elif r.sent > t_back:
             # Back home once the restarted pod answered.
             assert (r.seen_by, r.role) == (victim.id, "owner"), r
@@ -448,22 +452,25 @@ async def close_after_request(pod: RawPod, reader: asyncio.StreamReader, writer:
 
 
 async def never_answer(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Read the request, never answer; hold the connection until the proxy closes it."""
     await pod.read_request(reader)
-    await asyncio.sleep(30)
+    await reader.read()
 
 
 @pytest.mark.parametrize(
-    ("handler", "overrides"),
+    ("handler", "overrides", "waited"),
     [
-        (reset_on_accept, {}),
-        (close_after_request, {}),
-        (never_answer, {"upstream__response_timeout": "300ms"}),
+        (reset_on_accept, {}, set()),
+        (close_after_request, {}, set()),
+        # The pod's 30 s of silence is cut to the response timeout.
+        (never_answer, {"upstream__response_timeout": "300ms"}, {"pod_timeout"}),
     ],
     ids=["reset", "close-after-request", "slow"],
 )
 async def test_get_fails_over_from_a_broken_pod(
     handler: Callable[..., Any],
     overrides: dict[str, str],
+    waited: set[str],
     raw_pods: RawPods,
     echo_pods: EchoPods,
     proxy_factory: ProxyFactory,
@@ -472,12 +479,14 @@ async def test_get_fails_over_from_a_broken_pod(
     good = await echo_pods("good")
     table = explicit_table([bad, good], "bad", ("good",))
     proxy = await proxy_factory(table, admin=True, **overrides)
-    loop = asyncio.get_running_loop()
     for i in range(2):
-        started = loop.time()
         status, headers, body = await get(proxy.port, f"k{i}")
         assert status == 200 and headers["x-keyroute-pod"] == "good", body
-        assert loop.time() - started < 1.0
+    # Each request moved on at the pod's failure; only a silent pod made it
+    # wait, and then for the response timeout, not for the pod.
+    reasons = failover_reasons(await metrics(proxy))
+    assert reasons and reasons & WAITED == waited, reasons
+    assert total(await metrics(proxy), "keyroute_failovers_total") == 2
     assert bad.accepts >= 2
     assert roles(good) == [("GET", "backup")] * 2
     assert await pod_state(proxy, "k", "bad") == "failing"
@@ -679,10 +688,12 @@ async def test_active_health_checks_eject_and_restore_without_traffic(
 ) -> None:
     health = {"status": 500}
     probes: list[str] = []
+    answered: list[int] = []  # the status of each probe, in order
 
     def with_health(app: web.Application) -> None:
         async def check(request: web.Request) -> web.Response:
             probes.append(request.headers.get("User-Agent", ""))
+            answered.append(health["status"])
             return web.Response(status=health["status"], text="h")
 
         app.router.add_get("/health", check)
@@ -708,10 +719,17 @@ async def test_active_health_checks_eject_and_restore_without_traffic(
     assert roles(ok) == [("GET", "backup")]
     # Healthy again: back after `healthy_after` good probes, long before the 30 s backoff.
     health["status"] = 200
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    await wait_for(lambda: is_state(proxy, "k", "sick", "healthy"), 3, "recovery by health checks")
-    assert loop.time() - started >= 0.1  # at least two probes, 100 ms apart
+    good_probes: list[int] = []
+
+    async def recovered() -> bool:
+        if not await is_state(proxy, "k", "sick", "healthy"):
+            return False
+        good_probes.append(answered.count(200))  # at least as many as when it flipped
+        return True
+
+    await wait_for(recovered, 3, "recovery by health checks")
+    # Back after `healthy_after` good probes, not after the first one.
+    assert good_probes[0] >= 2, answered
     status, headers, body = await get(proxy.port, "k")
     assert status == 200 and headers["x-keyroute-pod"] == "sick"
     assert orjson.loads(body)["pod"] == "sick"
