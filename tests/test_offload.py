@@ -17,7 +17,7 @@ import pytest
 from proxy import assignment as core
 from proxy.offload import INLINE_BYTES, Offload, _Kept
 
-from .conftest import ProxyFactory
+from .conftest import ProxyFactory, wait_for
 
 PODS = core.make_pods(
     (f"pod-{i}", f"http://127.0.0.1:{9100 + i}", w, s)
@@ -217,9 +217,12 @@ async def test_close_during_a_call_fails_it_with_oserror() -> None:
     off = Offload()
     try:
         await off.parse(big_table().dumps())  # the helper is up
-        data = big_table(9, 60000).dumps()  # long enough to be in flight
-        call = asyncio.ensure_future(off.parse(data))
-        await asyncio.sleep(0.05)
+        # A stopped helper takes the call and never answers: the call is in
+        # flight, for certain, once it has its sequence number.
+        os.kill(helper_pid(off), signal.SIGSTOP)
+        seq = off._seq
+        call = asyncio.ensure_future(off.parse(big_table(9).dumps()))
+        await wait_for(lambda: off._seq > seq, what="the call to reach the helper")
         assert not call.done()
         off.close()
         with pytest.raises(OSError, match="closed"):
