@@ -21,7 +21,7 @@ from proxy.sources.file import FileSource
 from proxy.sources.http import HttpSource
 from proxy.tableserver import serve_table
 
-from .conftest import Pod, Proxy, header_map
+from .conftest import Pod, Proxy, header_map, wait_for
 
 Factory = Callable[..., Awaitable[Proxy]]
 
@@ -75,6 +75,7 @@ class Load:
         self.stop = asyncio.Event()
         self.responses = 0
         self.generations: set[int] = set()
+        self.by_generation: dict[int, int] = {}  # responses stamped with each generation
         self.problems: list[str] = []
 
     def check(self, key: str, status: int, headers: Any, info: Any) -> None:
@@ -83,6 +84,7 @@ class Load:
             return
         gen = int(headers["X-Keyroute-Generation"])
         self.generations.add(gen)
+        self.by_generation[gen] = self.by_generation.get(gen, 0) + 1
         table = self.tables.get(gen)
         if table is None:
             self.problems.append(f"{key}: generation {gen} was never written")
@@ -135,8 +137,14 @@ async def reload_under_load(px: Proxy, pods: list[Pod], path: Path, tables: dict
     rng = random.Random(7)
     load = Load(px.base, tables)
 
+    def served(n: int) -> Callable[[], bool]:
+        """Whether ``n`` more responses have come since now."""
+        target = load.responses + n
+        return lambda: load.responses >= target
+
     async def rewrite() -> None:
-        await asyncio.sleep(0.2)  # the load is going on the first table
+        first = min(tables)
+        await wait_for(lambda: load.by_generation.get(first, 0) >= CLIENTS, BOUND, "load on the first table")
         prev = tables[max(tables)]
         for i in range(WRITES):
             gen = prev.generation + 1
@@ -144,12 +152,20 @@ async def reload_under_load(px: Proxy, pods: list[Pod], path: Path, tables: dict
             tables[gen] = table  # known before anyone can see it
             write_atomic(path, table.dumps())
             prev = table
-            await asyncio.sleep(rng.uniform(0.02, 0.04))
+            if i % 4 == 3:
+                # Every fourth table is seen by the traffic before the next write ...
+                await wait_for(lambda g=gen: g in load.generations, BOUND, f"traffic on generation {gen}")
+            else:
+                # ... the others come as soon as some requests ran (a random
+                # number of them): the proxy may skip some of those tables.
+                await wait_for(served(rng.randint(1, CLIENTS)), BOUND, "traffic between writes")
         final = prev.generation
-        async with asyncio.timeout(BOUND):
-            while await generation_in_force(px.base) != final:
-                await asyncio.sleep(0.02)
-        await asyncio.sleep(0.1)  # traffic on the final table
+
+        async def in_force() -> bool:
+            return await generation_in_force(px.base) == final
+
+        await wait_for(in_force, BOUND, f"generation {final} in force")
+        await wait_for(lambda: load.by_generation.get(final, 0) >= CLIENTS, BOUND, "traffic on the final table")
 
     await load.run(rewrite)
     final = max(tables)
@@ -210,12 +226,13 @@ async def test_reload_under_load_long_poll(
         # poll_interval far above the test's length: only long polls deliver.
         source = HttpSource(f"http://127.0.0.1:{port}/", poll_interval=30.0, offload=px.runtime.offload)
         watcher = follow(px.runtime, source)
-        async with aiohttp.ClientSession() as s, asyncio.timeout(BOUND):
-            while True:  # 503 no_table until the first fetch
+        async with aiohttp.ClientSession() as s:
+
+            async def has_table() -> bool:  # 503 no_table until the first fetch
                 async with s.get(px.base + "/", headers={"X-Routing-Key": "probe"}) as r:
-                    if r.status == 200:
-                        break
-                await asyncio.sleep(0.01)
+                    return r.status == 200
+
+            await wait_for(has_table, BOUND, "the first table from the long poll")
         await reload_under_load(px, pods, path, tables)
     finally:
         if watcher is not None:
