@@ -229,6 +229,7 @@ class Runtime:
         goes with them."""
         self.table = RoutingTable(assignment, self.settings.upstream.failover)
         self.table_loaded_at = time.time()
+        self.offload.baseline = assignment  # big tables are checked against it as they are parsed
         pods = assignment.pods
         self.health.set_pods(pods)
         self.upstreams.prune({(p.host, p.port) for p in pods.values()})
@@ -239,7 +240,7 @@ class Runtime:
     def offer(self, assignment: Assignment) -> str:
         """Apply ``assignment`` if its generation is above the one in force.
         Returns "" when applied (or identical to the table in force), else why not."""
-        from .sources import judge
+        from .sources import judge, verdict_kind
 
         old = self.table.assignment if self.table is not None else None
         verdict = judge(old, assignment)
@@ -255,7 +256,7 @@ class Runtime:
                 task.add_done_callback(self._background.discard)
             return ""
         if verdict:
-            self.note_reload("stale" if verdict.startswith("stale") else "conflict", verdict)
+            self.note_reload(verdict_kind(verdict), verdict)
         return verdict
 
     async def _log_moved(self, old: Assignment, new: Assignment) -> None:
@@ -539,7 +540,9 @@ class Exchange:
             assert self.pod is not None
             client.connect(self, rt.pool_for(self.pod))
             return
-        if self.pod is not None:
+        if self.pod is not None and not (conn.reused and not conn.got_bytes):
+            # A pooled connection closed as the request went out is a race
+            # with the pod's keep-alive timeout, not a sign the pod is failing.
             rt.health.failure(self.pod.id, code)
         if self.retry_safe(after_send=True) and client.retry(self, code, (status, code, detail)):
             return
@@ -596,6 +599,11 @@ class ClientProtocol(asyncio.Protocol):
         self.loop = runtime.loop
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        # Not dangerous here: HTTP/1.x with x > 1 is served as 1.1 and 2.0 or
+        # later answered 505 (RFC 9110 §2.5), and the chunk-size whitespace
+        # RFC 9112 §7.1.1 allows (BWS before ";") is accepted; bodies are
+        # re-chunked, so the pod never sees the client's chunk lines.
+        self.parser.set_dangerous_leniencies(lenient_version=True, lenient_spaces_after_chunk_size=True)
         self.exchange: Exchange | None = None  # the one being served
         self.parsing: Exchange | None = None  # the one the parser fills
         self.queue: collections.deque[Exchange] = collections.deque()
