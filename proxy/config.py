@@ -147,7 +147,48 @@ class Settings:
     @property
     def worker_count(self) -> int:
         w = self.proxy.workers
-        return (os.cpu_count() or 1) if w == "auto" else int(w)
+        return available_cpus() if w == "auto" else int(w)
+
+
+def available_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2
+    CPU quota (``cpu.max``), so a container limited to one CPU gets one
+    worker whatever the host has."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_quota(cgroup_root)
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    return max(1, n)
+
+
+def _cgroup_quota(root: str) -> float | None:
+    """CPUs allowed by ``cpu.max`` in this process's cgroup (or the root of the
+    cgroup namespace, as seen in a container); None without a quota."""
+    paths = []
+    try:
+        with open("/proc/self/cgroup") as fh:
+            for line in fh:
+                if line.startswith("0::"):
+                    paths.append(os.path.join(root, line[3:].strip().lstrip("/"), "cpu.max"))
+    except OSError:
+        pass
+    paths.append(os.path.join(root, "cpu.max"))
+    for path in paths:
+        try:
+            with open(path) as fh:
+                quota, _, period = fh.read().strip().partition(" ")
+        except OSError:
+            continue
+        if quota == "max":
+            return None
+        try:
+            return int(quota) / int(period or "100000")
+        except ValueError:
+            return None
+    return None
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -272,17 +313,27 @@ def _from_toml(doc: Mapping[str, Any], origin: str) -> dict[str, dict[str, Any]]
     return layer
 
 
+# What Kubernetes injects for a Service (enableServiceLinks): NAME_SERVICE_HOST,
+# NAME_SERVICE_PORT[_PORTNAME], NAME_PORT, NAME_PORT_80_TCP[_PROTO|_PORT|_ADDR].
+_SERVICE_LINK = re.compile(
+    r"KEYROUTE(?:_[A-Z0-9_]+)?_(?:SERVICE_HOST|SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT(?:_\d+_(?:TCP|UDP|SCTP)(?:_(?:PROTO|PORT|ADDR))?)?)"
+)
+
+
 def _from_env(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """``KEYROUTE_<SECTION>_<KEY>`` variables. Variables whose section is not
+    ours, and Kubernetes service links, are someone else's and are skipped;
+    an unknown key in one of our sections is an error."""
     layer: dict[str, dict[str, Any]] = {}
     for var, value in env.items():
         if not var.startswith(ENV_PREFIX) or var in ENV_NON_SETTINGS:
             continue
+        if _SERVICE_LINK.fullmatch(var):
+            continue  # Kubernetes' variables for a Service named keyroute or keyroute-*
         rest = var[len(ENV_PREFIX) :].lower()
         section = next((s for s in _SECTIONS if rest.startswith(s + "_")), None)
         if section is None:
-            raise ConfigError(
-                f"{var}: unknown setting (expected KEYROUTE_<SECTION>_<KEY> with a section of {', '.join(_SECTIONS)})"
-            )
+            continue  # not one of our sections: someone else's variable
         layer.setdefault(section, {})[rest[len(section) + 1 :]] = value
     return layer
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -150,10 +152,62 @@ def test_unknown_section_and_key(tmp_path: Path) -> None:
 
 
 def test_unknown_env_vars() -> None:
-    msg = error(None, env={"KEYROUTE_PROXYY_LISTEN": "127.0.0.1:1"})
-    assert msg.startswith("KEYROUTE_PROXYY_LISTEN: unknown setting")
+    # Not one of our sections: someone else's variable, skipped.
+    assert load(None, env={"KEYROUTE_PROXYY_LISTEN": "127.0.0.1:1", "KEYROUTE_HOME": "/x"}) == Settings()
+    # An unknown key in one of our sections is still an error.
     msg = error(None, env={"KEYROUTE_UPSTREAM_RETRY": "1"})
     assert msg.startswith("upstream.retry: unknown key in the environment")
+
+
+# What Kubernetes injects for Services named keyroute, keyroute-proxy, keyroute-admin.
+SERVICE_LINKS = {
+    f"{name}_{suffix}": "10.0.0.1"
+    for name in ("KEYROUTE", "KEYROUTE_PROXY", "KEYROUTE_ADMIN", "KEYROUTE_UPSTREAM")
+    for suffix in (
+        "SERVICE_HOST",
+        "SERVICE_PORT",
+        "SERVICE_PORT_HTTP",
+        "PORT",
+        "PORT_80_TCP",
+        "PORT_80_TCP_PROTO",
+        "PORT_80_TCP_PORT",
+        "PORT_80_TCP_ADDR",
+        "PORT_9901_UDP",
+    )
+}
+
+
+def test_kubernetes_service_links_are_ignored() -> None:
+    s = load(None, env={**SERVICE_LINKS, "KEYROUTE_PROXY_LISTEN": "127.0.0.1:7000"})
+    assert s.proxy.listen == "127.0.0.1:7000"
+    assert s.upstream == Settings().upstream
+
+
+def test_workers_auto_follows_affinity_and_cgroup_quota(tmp_path: Path) -> None:
+    from proxy.config import available_cpus
+
+    affinity = len(os.sched_getaffinity(0))
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(str(tmp_path)) == affinity
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU
+    assert available_cpus(str(tmp_path)) == 1
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert available_cpus(str(tmp_path)) == min(2, affinity)
+    one = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            "0",
+            sys.executable,
+            "-c",
+            "from proxy.config import load; print(load(None, env={}, "
+            "overrides={'proxy.workers': 'auto'}).worker_count)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert one.stdout.strip() == "1"
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:
