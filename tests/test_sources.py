@@ -23,7 +23,7 @@ from proxy.sources.file import FileSource
 from proxy.sources.http import HttpSource
 from proxy.tableserver import serve_table
 
-from .conftest import Pod, Proxy, table_for
+from .conftest import Pod, Proxy, table_for, wait_for
 
 Factory = Callable[..., Awaitable[Proxy]]
 Item = core.Assignment | Failure
@@ -37,6 +37,24 @@ def table(generation: int, pods: list[tuple[str, str]] | None = None) -> core.As
 
 
 # -- writing files the ways operators and Kubernetes do -------------------------------
+
+
+def clock_ticked(path: Path) -> Callable[[], bool]:
+    """Whether a file written now gets a later mtime than ``path`` has. Two
+    writes of the same size within one tick of the file system's coarse clock
+    (and, for a rename, a reused inode number) look alike to an identity
+    check; waiting for the tick keeps these tests about what they test."""
+    probe = path.parent.parent / f".{path.parent.name}.tick"
+
+    def ticked() -> bool:
+        probe.write_bytes(b"")
+        return probe.stat().st_mtime_ns > path.stat().st_mtime_ns
+
+    return ticked
+
+
+async def next_tick(path: Path) -> None:
+    await wait_for(clock_ticked(path), BOUND, f"the file system clock to pass the mtime of {path}")
 
 
 def write_in_place(path: Path, data: bytes) -> None:
@@ -121,21 +139,20 @@ class Feed:
                 assert item.generation == generation, f"got generation {item.generation}, want {generation}"
                 return item
 
+    async def until(self, generation: int, timeout: float = BOUND) -> list[Item]:
+        """Items until the table of ``generation`` (a marker): what came before it."""
+        before: list[Item] = []
+        async with asyncio.timeout(timeout):
+            while not (isinstance(item := await self.next(), core.Assignment) and item.generation == generation):
+                before.append(item)
+        return before
+
     async def failure(self, kind: str, timeout: float = BOUND) -> Failure:
         """The next item, which must be a ``Failure`` of ``kind``."""
         item = await self.next(timeout=timeout)
         assert isinstance(item, Failure), f"got a table (generation {item.generation}), want Failure({kind!r})"
         assert item.kind == kind, item
         return item
-
-    async def quiet(self, seconds: float) -> list[Item]:
-        """What arrives within ``seconds`` (expected: nothing)."""
-        await asyncio.sleep(seconds)
-        got: list[Item] = []
-        while not self.queue.empty():
-            got.append(self.queue.get_nowait())
-        self.seen += got
-        return got
 
     async def close(self) -> None:
         if not self.task.done():
@@ -177,7 +194,7 @@ async def test_file_in_place_write(tmp_path: Path, watch: str, feeds: Callable[[
     feed = feeds(file_source(path, watch))
     assert (await feed.table(1)).shares() == table(1).shares()
     for gen in (2, 3, 4):
-        await asyncio.sleep(0.05)
+        await next_tick(path)
         write_in_place(path, table(gen, PODS[:2] if gen % 2 else PODS).dumps())
         got = await feed.table(gen)
         assert set(got.pods) == ({"a", "b"} if gen % 2 else {"a", "b", "c"})
@@ -190,7 +207,7 @@ async def test_file_atomic_rename(tmp_path: Path, watch: str, feeds: Callable[[A
     feed = feeds(file_source(path, watch))
     await feed.table(1)
     for gen in (2, 3, 4):
-        await asyncio.sleep(0.05)
+        await next_tick(path)
         write_atomic(path, table(gen).dumps())
         await feed.table(gen)
     assert all(isinstance(i, core.Assignment) for i in feed.seen)
@@ -204,7 +221,7 @@ async def test_file_configmap_symlink_swap(tmp_path: Path, watch: str, feeds: Ca
     feed = feeds(file_source(cm.path, watch))
     await feed.table(1)
     for gen in (2, 3, 4):  # the folder watched for the first table is gone after the first swap
-        await asyncio.sleep(0.05)
+        await next_tick(cm.path)
         cm.write(table(gen).dumps())
         assert os.path.realpath(cm.path).endswith(f"..2024_01_{gen:02d}/assignment.json")
         await feed.table(gen)
@@ -221,10 +238,10 @@ async def test_file_invalid_then_fixed(tmp_path: Path, watch: str, feeds: Callab
     write_in_place(path, good[: len(good) // 2])  # half-written
     fail = await feed.failure("invalid")
     assert str(path) in fail.detail
-    await asyncio.sleep(0.05)
+    await next_tick(path)
     write_in_place(path, b'{"version": 1, "generation": 2, "pods": {}}')  # JSON, but not a table
     await feed.failure("invalid")
-    await asyncio.sleep(0.05)
+    await next_tick(path)
     write_in_place(path, good)
     await feed.table(2)
 
@@ -255,8 +272,10 @@ async def test_file_burst_yields_final_table(tmp_path: Path, watch: str, feeds: 
             if isinstance(item, core.Assignment):
                 assert last is None or item.generation > last.generation
                 last = item
-    # Nothing newer or older follows the final table.
-    after = await feed.quiet(0.3)
+    # Nothing newer or older follows the final table: a marker written after
+    # the burst comes next (the final table again, at most, before it).
+    write_in_place(path, table(40, PODS[:2]).dumps())  # another size: no identity can hide it
+    after = await feed.until(40)
     assert all(isinstance(i, core.Assignment) and i.generation == 39 for i in after), after
 
 
@@ -283,36 +302,92 @@ async def test_file_without_inotify_falls_back_to_polling(
 # -- HTTP: the long-poll table server -------------------------------------------------
 
 
-async def test_http_long_poll_against_table_server(tmp_path: Path, feeds: Callable[[Any], Feed]) -> None:
+class Tap:
+    """A TCP relay in front of a server that notes the request line of each
+    request it has passed on to it."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = 0
+        self.lines: list[bytes] = []
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> Tap:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, note: bool) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+                    if note and data.startswith(b"GET "):
+                        self.lines.append(data.split(b"\r\n", 1)[0])
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+    def polls(self, after: int) -> int:
+        """Long polls passed on that ask for a generation above ``after``."""
+        return sum(1 for line in self.lines if re.search(rb"[?&]after=%d(&| )" % after, line))
+
+    async def close(self) -> None:
+        for w in self.writers:
+            w.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_http_long_poll_against_table_server(
+    tmp_path: Path, feeds: Callable[[Any], Feed], caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "assignment.json"
     path.write_bytes(table(1).dumps())
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[None] = loop.create_future()
     bound: asyncio.Future[int] = loop.create_future()
     server = loop.create_task(serve_table(str(path), "127.0.0.1", 0, stop, ready=bound.set_result))
+    tap: Tap | None = None
     try:
         async with asyncio.timeout(BOUND):
             port = await bound
+        tap = await Tap(port).start()
         # poll_interval far above the bound: only the long poll can deliver in time.
-        source = HttpSource(f"http://127.0.0.1:{port}/assignment.json", poll_interval=30.0)
+        source = HttpSource(f"http://127.0.0.1:{tap.port}/assignment.json", poll_interval=30.0)
         feed = feeds(source)
         await feed.table(1)
         assert source.long_poll
         for gen in (2, 3, 4):
-            await asyncio.sleep(0.1)  # let the long poll (?after=<gen>&wait=) be parked on the server
+            # The long poll (?after=<gen - 1>&wait=) has reached the server before the write ...
+            await wait_for(lambda g=gen: tap.polls(g - 1) == 1, BOUND, f"the long poll after {gen - 1}")
+            await next_tick(path)
             write_atomic(path, table(gen).dumps())
             await feed.table(gen)
-        # A stale table on the server's file is refused there; nothing arrives.
+            # ... and that same request brought the table: no second one was needed.
+            assert tap.polls(gen - 1) == 1, tap.lines
+        # A stale table on the server's file is refused there (it says so); a
+        # newer one written after it is the next thing to arrive.
+        await next_tick(path)
         write_atomic(path, table(2).dumps())
-        assert await feed.quiet(0.5) == []
-        write_atomic(path, table(5).dumps())
-        await feed.table(5)
+        await wait_for(lambda: "table refused, generation 4 stays" in caplog.text, BOUND, "the stale table's refusal")
+        write_atomic(path, table(5, PODS[:2]).dumps())
+        item = await feed.next()
+        assert isinstance(item, core.Assignment) and item.generation == 5, item
         assert source.generation == 5
     finally:
         # A long poll is parked on the server: stopping answers it, not waits for it.
         stop.set_result(None)
         async with asyncio.timeout(BOUND):
             await server
+        if tap is not None:
+            await tap.close()
 
 
 async def test_http_authorization_is_sent(tmp_path: Path, feeds: Callable[[Any], Feed]) -> None:
@@ -410,7 +485,8 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 64; }}
 http {{
-  access_log off;
+  log_format status '$status $request_uri';
+  access_log {prefix}/access.log status;
 {temp}
   types {{ application/json json; }}
   default_type application/octet-stream;
@@ -426,6 +502,12 @@ http {{
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def statuses(self) -> list[int]:
+        """The status of every request answered so far, in order (nginx writes
+        each access log line once the response is sent)."""
+        log = self.prefix / "access.log"
+        return [int(line.split()[0]) for line in log.read_text().splitlines()] if log.exists() else []
+
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             self.binary,
@@ -439,19 +521,21 @@ http {{
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
         )
-        async with asyncio.timeout(BOUND):
-            while True:
-                if self.proc.returncode is not None:
-                    log = (self.prefix / "error.log").read_text(errors="replace")
-                    raise AssertionError(f"nginx exited with {self.proc.returncode}: {log}")
-                try:
-                    _, w = await asyncio.open_connection("127.0.0.1", self.port)
-                except OSError:
-                    await asyncio.sleep(0.02)
-                    continue
-                w.close()
-                await w.wait_closed()
-                return
+        proc = self.proc
+
+        async def listening() -> bool:
+            if proc.returncode is not None:
+                log = (self.prefix / "error.log").read_text(errors="replace")
+                raise AssertionError(f"nginx exited with {proc.returncode}: {log}")
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                return False
+            w.close()
+            await w.wait_closed()
+            return True
+
+        await wait_for(listening, BOUND, "nginx to listen")
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -477,7 +561,9 @@ async def nginx(tmp_path: Path) -> AsyncIterator[tuple[Nginx, Path]]:
         await server.stop()
 
 
-async def test_http_poll_against_nginx(nginx: tuple[Nginx, Path], feeds: Callable[[Any], Feed]) -> None:
+async def test_http_poll_against_nginx(
+    nginx: tuple[Nginx, Path], feeds: Callable[[Any], Feed], monkeypatch: pytest.MonkeyPatch
+) -> None:
     server, root = nginx
     path = root / "assignment.json"
     write_atomic(path, table(1).dumps())
@@ -488,17 +574,28 @@ async def test_http_poll_against_nginx(nginx: tuple[Nginx, Path], feeds: Callabl
         async with s.get(server.url + "/assignment.json", headers={"If-None-Match": etag}) as r2:
             assert r2.status == 304
     source = HttpSource(server.url + "/assignment.json", poll_interval=0.2, backoff_cap=1.0)
+    backoffs: list[tuple[int, float]] = []  # (consecutive failures, pause chosen)
+    choose = source._backoff
+
+    def noted(failures: int) -> float:
+        pause = choose(failures)
+        backoffs.append((failures, pause))
+        return pause
+
+    monkeypatch.setattr(source, "_backoff", noted)
     feed = feeds(source)
     await feed.table(1)
     assert not source.long_poll
     # Newer tables of the same size, several within one second: nginx's ETag
     # (mtime in seconds, size) cannot tell them apart.
     for gen in (2, 3, 4):
-        await asyncio.sleep(0.05)
         write_atomic(path, table(gen).dumps())
         await feed.table(gen)
-    # Unchanged file: 304s, nothing yielded.
-    assert await feed.quiet(1.2) == []
+    # Unchanged file: 304s, nothing yielded. Three of them answered, then a
+    # change written after them must be the very next item.
+    seen = len(server.statuses())
+    await wait_for(lambda: server.statuses()[seen:].count(304) >= 3, BOUND, "three 304s from nginx")
+    assert feed.queue.empty()
 
     good = table(5).dumps()
     write_atomic(path, good[:-40])
@@ -506,12 +603,14 @@ async def test_http_poll_against_nginx(nginx: tuple[Nginx, Path], feeds: Callabl
     write_atomic(path, good)
     await feed.table(5)
 
-    # nginx down: errors, backed off (not a tight loop), and the source keeps trying.
+    # nginx down: errors, each followed by a pause that backs off as they
+    # repeat (not a tight loop), and the source keeps trying.
     await server.stop()
-    await feed.failure("error")
-    errors = await feed.quiet(1.5)
-    assert all(isinstance(i, Failure) and i.kind == "error" for i in errors)
-    assert len(errors) < 20, f"{len(errors)} errors in 1.5 s: no backoff"
+    del backoffs[:]
+    for _ in range(4):
+        await feed.failure("error")
+    assert [n for n, _ in backoffs[:4]] == [1, 2, 3, 4], backoffs
+    assert all(0 <= pause <= min(1.0, 0.25 * 2**n) for n, pause in backoffs), backoffs
     write_atomic(path, table(6).dumps())
     await server.start()
     async with asyncio.timeout(BOUND):
@@ -547,11 +646,6 @@ async def test_proxy_follows_file_source(tmp_path: Path, proxy_factory: Factory,
         async def reloads(result: str) -> float:
             return metric(await metrics(), "keyroute_reloads_total", f'result="{result}"')
 
-        async def wait_for(check: Callable[[], Awaitable[bool]]) -> None:
-            async with asyncio.timeout(BOUND):
-                while not await check():
-                    await asyncio.sleep(0.02)
-
         async def ready() -> bool:
             async with s.get(px.admin + "/-/readyz") as r:
                 return r.status == 200
@@ -575,7 +669,7 @@ async def test_proxy_follows_file_source(tmp_path: Path, proxy_factory: Factory,
         write_atomic(path, first.dumps())
         task = follow(px.runtime, FileSource(str(path), watch="auto"))
         try:
-            await wait_for(ready)
+            await wait_for(ready, BOUND, "the proxy to be ready")
             async with s.get(px.admin + "/-/readyz") as r:
                 assert (await r.json())["generation"] == 5
             await serves(first)
@@ -586,18 +680,24 @@ async def test_proxy_follows_file_source(tmp_path: Path, proxy_factory: Factory,
 
                 return check
 
+            await next_tick(path)
+
             write_atomic(path, table_for(pods, 3).dumps())
-            await wait_for(counted("stale", 1))
+            await wait_for(counted("stale", 1), BOUND, "stale reloads")
             assert "stale" in await last_error()
             await serves(first)
 
+            await next_tick(path)
+
             write_atomic(path, table_for(pods[:2], 5).dumps())
-            await wait_for(counted("conflict", 1))
+            await wait_for(counted("conflict", 1), BOUND, "conflict reloads")
             assert "conflicting" in await last_error()
             await serves(first)
 
+            await next_tick(path)
+
             write_atomic(path, b'{"version": 1, "generation": 6, "pods": {')
-            await wait_for(counted("invalid", 1))
+            await wait_for(counted("invalid", 1), BOUND, "invalid reloads")
             assert str(path) in await last_error()
             await serves(first)
 
@@ -612,8 +712,9 @@ async def test_proxy_follows_file_source(tmp_path: Path, proxy_factory: Factory,
                 assert (await r.json())["generation"] == 5
 
             second = table_for(pods[:2], 6)
+            await next_tick(path)
             write_atomic(path, second.dumps())
-            await wait_for(counted("applied", 2))
+            await wait_for(counted("applied", 2), BOUND, "applied reloads")
             await serves(second)
             async with s.get(px.admin + "/-/assignment") as r:
                 doc = await r.json()
