@@ -107,8 +107,13 @@ def test_corpus_covers_every_tier_and_source() -> None:
         (b"GET /a HTTP/1.1\r\nHost: t\r\nHost: u\r\nX-Forwarded-For: 127.0.0.1\r\n\r\n", "intact"),
         (b"POST /a HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 127.0.0.1\r\nContent-Length: 9\r\n\r\nab", "partial"),
         (b"", "rejected"),
+        (
+            b"GET /a HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 127.0.0.1\r\n\r\n"
+            b"GET /b HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 127.0.0.1\r\n\r\n",
+            "pipelined",
+        ),
     ],
-    ids=["clean", "unstamped", "te-cl-desync", "two-hosts", "partial", "nothing"],
+    ids=["clean", "unstamped", "te-cl-desync", "two-hosts", "partial", "nothing", "two-stamped"],
 )
 def test_outcome_rules(data: bytes, outcome: str) -> None:
     """The judge itself: what the pod received decides the outcome."""

@@ -364,20 +364,24 @@ class Recorder:
         self.conns.append(buf)
         self.writers.append(writer)
         answered = 0
-        while data := await reader.read(65536):
-            buf.extend(data)
-            if MARKER_PATH in data or MARKER_PATH in buf[-len(data) - 64 :]:
-                self._arrived.set()
-            stream = parse_stream(bytes(buf))
-            for _ in stream.requests[answered:]:
-                writer.write(OK)
-            answered = len(stream.requests)
-            if stream.garbage is not None:
-                writer.write(BAD)
+        try:
+            while data := await reader.read(65536):
+                buf.extend(data)
+                if MARKER_PATH in data or MARKER_PATH in buf[-len(data) - 64 :]:
+                    self._arrived.set()
+                stream = parse_stream(bytes(buf))
+                for _ in stream.requests[answered:]:
+                    writer.write(OK)
+                answered = len(stream.requests)
+                if stream.garbage is not None:
+                    writer.write(BAD)
+                    await writer.drain()
+                    break
                 await writer.drain()
-                break
-            await writer.drain()
-        writer.close()
+        except ConnectionError:
+            pass  # the proxy reset its connection: what arrived is recorded
+        finally:
+            writer.close()
 
     def mark(self) -> list[int]:
         """Where every connection is now: what ``since`` counts from."""
@@ -468,13 +472,18 @@ class Observation:
 
     @property
     def outcome(self) -> str:
-        """rejected | partial | passed | normalized | intact | smuggled | hung"""
+        """rejected | partial | passed | normalized | intact | pipelined | smuggled | hung
+
+        pipelined: more than one request at the pod, each parsed by the proxy
+        (it took bytes after the vector's request for a request of its own)."""
         reqs = self.requests
         leftovers = [s for s in self.streams if s.rest or s.garbage]
         if not self.marker_arrived:
             return "smuggled"  # the marker was swallowed: the pod connection is out of step
-        if len(reqs) > 1 or any(not r.stamped for r in reqs) or (reqs and leftovers):
+        if any(not r.stamped for r in reqs) or (reqs and leftovers):
             return "smuggled"
+        if len(reqs) > 1:
+            return "pipelined"
         if not reqs:
             if any(s.garbage for s in self.streams):
                 return "intact"  # a head reached the pod that the pod cannot frame
