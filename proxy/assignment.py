@@ -17,18 +17,28 @@ afterwards by ``lookup``):
 * ``route(i)`` describes slice ``i``: its owner names a pod of the table,
   ``1 <= epoch <= generation``, and its backups are distinct pods of the
   table other than the owner.
+* Size: at most ``MAX_PODS`` pods, ``MAX_SLICES`` written slices or
+  ``MAX_GENERATED`` slices x pods for a generated table, from at most
+  ``MAX_TABLE_BYTES`` of JSON in which no object lists a key twice.
+
+Between two tables in force one after the other (``epoch_regression``): the
+epoch of every position never goes down, and goes up wherever the owner
+changes. Epochs are fencing tokens: a lower one would let a deposed owner
+write again.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import weakref
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
+from operator import add, lt, ne
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
@@ -41,6 +51,19 @@ FORMAT_VERSION = 1
 DEFAULT_SLICE_COUNT = 4096
 MAX_SLICE_COUNT = 1 << 20
 MAX_WEIGHT = 1_000_000.0
+# Bounds on what a table may ask of the process that parses it (the helper of
+# ``proxy.offload``, or the proxy itself for small inputs). A 50 KB pods-only
+# table of 1,000 pods x 2**20 slices would otherwise cost minutes and
+# gigabytes. Up to these, parsing takes at most a few seconds in the helper.
+MAX_PODS = 1000
+# Written slices: 2.6 times the 100k-slice tables operators run (42 MB of
+# indented JSON; ~400 MB in the helper while it parses).
+MAX_SLICES = 1 << 18
+# A generated table costs ~1 us per slice and pod: up to ~2 s (e.g. the
+# default 4096 slices over 512 pods).
+MAX_GENERATED = 1 << 21
+# Bytes of a table's JSON (file, HTTP body, admin PUT).
+MAX_TABLE_BYTES = 64 << 20
 # Lookup index size: up to 2**20 buckets (8 MiB), about one per slice.
 _INDEX_BITS = 20
 # Generated tables list this many backups per slice; failover beyond them can
@@ -156,6 +179,7 @@ class Assignment:
         "_pod_list",
         "_index",
         "_shift",
+        "_vetted",
         "__weakref__",
     )
 
@@ -217,6 +241,8 @@ class Assignment:
         if index is None:
             index = _lookup_index(starts)
         self._shift, self._index = index
+        # (table, verdict) of the last ``epoch_regression(table, self)``; not pickled.
+        self._vetted: tuple[weakref.ref[Assignment], str | None] | None = None
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # Pickled as its columns and lookup index: unpickling is a few copies.
@@ -264,6 +290,11 @@ class Assignment:
         """The owner's pod id of each slice, without building routes."""
         ids = [p.id for p in self._pod_list]
         return [ids[k] for k in self._owner]
+
+    def vetted(self, old: Assignment, verdict: str | None) -> None:
+        """Record ``epoch_regression(old, self)``, worked out elsewhere (the
+        helper process of ``proxy.offload``, as it parsed this table)."""
+        self._vetted = (weakref.ref(old), verdict)
 
     def same_slices(self, other: Assignment) -> bool:
         """True if both tables have the same slices: starts, owners, epochs and
@@ -350,15 +381,27 @@ def _restore(*columns: Any) -> Assignment:
 
 def parse(data: bytes | str) -> Assignment:
     """Parse and validate a v1 table. Raises ``AssignmentError`` naming the place."""
+    return from_json(loads(data), data)
+
+
+def loads(data: bytes | str) -> Any:
+    """Decode a table's JSON text (no validation), within ``MAX_TABLE_BYTES``."""
+    if len(data) > MAX_TABLE_BYTES:
+        raise AssignmentError(too_big(len(data)))
     try:
-        doc = orjson.loads(data)
+        return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise AssignmentError(f"not valid JSON: {exc}") from None
-    return from_json(doc)
 
 
-def from_json(doc: Any) -> Assignment:
-    """Validate a decoded JSON document as a v1 table."""
+def too_big(size: int) -> str:
+    return f"table: {size} bytes is above the limit of {MAX_TABLE_BYTES} bytes (MAX_TABLE_BYTES)"
+
+
+def from_json(doc: Any, raw: bytes | str | None = None) -> Assignment:
+    """Validate a decoded JSON document as a v1 table. ``raw``: the JSON text
+    ``doc`` was decoded from, checked for keys listed twice in an object (the
+    decoder keeps the last one silently)."""
     if not isinstance(doc, dict):
         raise AssignmentError(f"table: expected a JSON object, got {_kind(doc)}")
     unknown = sorted(set(doc) - _TOP_FIELDS)
@@ -372,18 +415,112 @@ def from_json(doc: Any) -> Assignment:
     generation = _positive_int(doc.get("generation"), "generation")
     if "pods" not in doc:
         raise AssignmentError("pods: missing")
-    pods = _parse_pods(doc["pods"])
+    raw_pods = doc["pods"]
+    if isinstance(raw_pods, dict) and len(raw_pods) > MAX_PODS:
+        raise AssignmentError(f"pods: {len(raw_pods)} pods is above the limit of {MAX_PODS} (MAX_PODS)")
     if "slices" in doc:
         if "slice_count" in doc:
             raise AssignmentError("slice_count: only allowed in tables without slices")
-        starts, owners, epochs, backups = _parse_slices(doc["slices"], pods, generation)
+        raw_slices = doc["slices"]
+        if isinstance(raw_slices, list) and len(raw_slices) > MAX_SLICES:
+            raise AssignmentError(f"slices: {len(raw_slices)} slices is above the limit of {MAX_SLICES} (MAX_SLICES)")
+        pods = _parse_pods(raw_pods)
+        starts, owners, epochs, backups = _parse_slices(raw_slices, pods, generation)
+        if raw is not None:
+            _check_unique_keys(raw, doc, owners, backups)
         return Assignment(generation, pods, starts, owners, epochs, backups, generated=False)
     slice_count = DEFAULT_SLICE_COUNT
     if "slice_count" in doc:
         slice_count = _positive_int(doc["slice_count"], "slice_count")
         if slice_count > MAX_SLICE_COUNT:
             raise AssignmentError(f"slice_count: {slice_count} is above the limit {MAX_SLICE_COUNT}")
+    if isinstance(raw_pods, dict):
+        _check_generated_size(slice_count, len(raw_pods))
+    pods = _parse_pods(raw_pods)
+    if raw is not None:
+        _check_unique_keys(raw, doc, (), ())
     return generate(generation, pods, slice_count)
+
+
+def _check_generated_size(slice_count: int, pods: int) -> None:
+    if slice_count * pods > MAX_GENERATED:
+        raise AssignmentError(
+            f"slice_count: {slice_count} slices x {pods} pods is above the limit of {MAX_GENERATED} "
+            "for a generated table (MAX_GENERATED): use fewer slices, or write the slices out"
+        )
+
+
+def _check_unique_keys(
+    raw: bytes | str, doc: dict[str, Any], owners: Sequence[Pod], backups: Sequence[tuple[str, ...]]
+) -> None:
+    """Refuse a table whose JSON lists a key twice in one object. ``doc`` is
+    its decoded and validated form, in which the decoder kept the last one.
+
+    Cheap in the usual case: every key in the text is followed by one ``:``
+    outside strings, so the text's colons number the keys it lists plus the
+    colons written inside its strings. The validated document says how many
+    keys survived and how many colons its strings hold; a colon written as
+    an escape (``\\u003a``) counts in the document but not in the text, so
+    escapes are added to the text's side. If the text's side is not larger,
+    no key was dropped. Otherwise (a key twice, or only escapes) the text is
+    decoded again, slowly, keeping every key, to find the place.
+    """
+    colon: Any = ":" if isinstance(raw, str) else b":"
+    escape: Any = "\\u003" if isinstance(raw, str) else b"\\u003"
+    written = raw.count(colon) + raw.count(escape)
+    pods: dict[str, Any] = doc["pods"]
+    keys = len(doc) + len(pods) + sum(map(len, pods.values()))
+    # Strings that can hold a colon: pod ids (also in slices) and URLs.
+    # Field names, states and slice starts cannot.
+    colons = sum(pid.count(":") + spec["url"].count(":") for pid, spec in pods.items())
+    slices = doc.get("slices")
+    if slices is not None:
+        keys += sum(map(len, slices))
+        if any(":" in pid for pid in pods):
+            colons += sum(p.id.count(":") for p in owners)
+            colons += sum(b.count(":") for bt in backups for b in bt)
+    if written > keys + colons:
+        _find_duplicate_key(raw, doc)
+
+
+def _find_duplicate_key(raw: bytes | str, doc: dict[str, Any]) -> None:
+    """Decode ``raw`` again, keeping every key, and raise on the first object
+    (in ``doc``'s terms) that lists one twice."""
+    import json
+
+    twice: list[tuple[str, dict[str, Any]]] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(items)
+        if len(obj) != len(items):
+            seen: set[str] = set()
+            for key, _ in items:
+                if key in seen:
+                    twice.append((key, obj))
+                    break
+                seen.add(key)
+        return obj
+
+    try:
+        full = json.loads(raw, object_pairs_hook=pairs)
+    except ValueError:  # e.g. a huge number in a value the decoder dropped
+        raise AssignmentError("table: a JSON object lists a key twice") from None
+    if not twice:
+        return  # only escaped colons: no key twice
+    places: dict[int, str] = {id(full): ""}
+    if isinstance(full.get("pods"), dict):
+        places[id(full["pods"])] = "pods."
+        for pid, spec in full["pods"].items():
+            places[id(spec)] = f"pods.{pid}."
+    if isinstance(full.get("slices"), list):
+        for i, s in enumerate(full["slices"]):
+            places[id(s)] = f"slices[{i}]."
+    # Innermost objects are decoded first: report the first one in place.
+    for key, obj in twice:
+        where = places.get(id(obj))
+        if where is not None:
+            raise AssignmentError(f"{where}{key}: listed twice (a key may appear once in a JSON object)")
+    raise AssignmentError(f"{twice[0][0]}: listed twice in a JSON object (a key may appear once)")
 
 
 def _kind(v: Any) -> str:
@@ -438,6 +575,8 @@ def _parse_pods(raw: Any) -> dict[str, Pod]:
         raise AssignmentError(f"pods: expected an object of pod id -> pod, got {_kind(raw)}")
     if not raw:
         raise AssignmentError("pods: no pods (a table needs at least one)")
+    if len(raw) > MAX_PODS:
+        raise AssignmentError(f"pods: {len(raw)} pods is above the limit of {MAX_PODS} (MAX_PODS)")
     pods: dict[str, Pod] = {}
     for pid, spec in raw.items():
         if not POD_ID_RE.fullmatch(pid):
@@ -604,6 +743,10 @@ def build(generation: int, pods: Mapping[str, Pod], specs: Sequence[SliceSpec]) 
     """Validate explicit slices against ``pods`` and build the table."""
     if not specs:
         raise AssignmentError("slices: empty")
+    if len(specs) > MAX_SLICES:
+        raise AssignmentError(f"slices: {len(specs)} slices is above the limit of {MAX_SLICES} (MAX_SLICES)")
+    if len(pods) > MAX_PODS:
+        raise AssignmentError(f"pods: {len(pods)} pods is above the limit of {MAX_PODS} (MAX_PODS)")
     owners: list[Pod] = []
     epochs: list[int] = []
     prev = -1
@@ -667,6 +810,9 @@ def generate(generation: int, pods: Mapping[str, Pod], slice_count: int = DEFAUL
     pod with the highest rendezvous score; the next pods are its backups."""
     if not any(p.active for p in pods.values()):
         raise AssignmentError("pods: no active pod to own the generated slices (all are draining)")
+    if len(pods) > MAX_PODS:
+        raise AssignmentError(f"pods: {len(pods)} pods is above the limit of {MAX_PODS} (MAX_PODS)")
+    _check_generated_size(slice_count, len(pods))
     values = list(pods.values())
     ids = [p.id for p in values]
     unit = _cached_unit_scores if slice_count <= _CACHED_SLICE_COUNT else _unit_scores
@@ -719,6 +865,98 @@ def moved_share(old: Assignment, new: Assignment) -> float:
         if end_new == hi:
             j += 1
     return moved / KEY_SPACE
+
+
+def epoch_regression(old: Assignment, new: Assignment) -> str | None:
+    """Why ``new`` may not follow ``old`` in force: the first position at
+    which its epoch is lower than ``old``'s, or at which its owner differs
+    while its epoch is not higher; None if there is none. The message names
+    the slice of ``new`` and the position.
+
+    A merge walk over both tables' slice starts (never per key), done with
+    ``map`` over the integer columns so that it runs in C: some ms for two
+    100k-slice tables. Remembers its verdict on ``new`` (see ``vetted``).
+    """
+    memo = new._vetted
+    if memo is not None and memo[0]() is old:
+        return memo[1]
+    verdict = _epoch_regression(old, new)
+    new.vetted(old, verdict)
+    return verdict
+
+
+def _epoch_regression(old: Assignment, new: Assignment) -> str | None:
+    old_epoch, new_epoch = old._epoch, new._epoch
+    if min(new_epoch) > max(old_epoch):
+        return None  # every epoch went up (a generated table, a full reshuffle)
+    # Owners as indices of ``old``'s pods; a pod new in ``new`` is -1, unlike
+    # any owner in ``old``.
+    index = {pid: k for k, pid in enumerate(old.pods)}
+    to_old = [index.get(pid, -1) for pid in new.pods]
+    old_owner: Sequence[int] = old._owner
+    new_owner: Sequence[int] = new._owner
+    if to_old != list(range(len(to_old))):
+        new_owner = array("i", map(to_old.__getitem__, new_owner))
+    if old.starts == new.starts:
+        # Slice by slice, in C: refused where new epoch < old epoch + (owner changed).
+        bad = list(map(lt, new_epoch, map(add, old_epoch, map(ne, old_owner, new_owner))))
+        if True not in bad:
+            return None
+        i = j = bad.index(True)
+        pos = new.starts[i]
+    else:
+        found = _merge_walk(old.starts, new.starts, old_epoch, new_epoch, old_owner, new_owner)
+        if found is None:
+            return None
+        i, j = found
+        pos = max(old.starts[i], new.starts[j])
+    was, now = old.route(i), new.route(j)
+    where = f"slices[{j}] (0x{now.start:016x}): at position 0x{pos:016x}"
+    if now.epoch < was.epoch:
+        return (
+            f"{where}, epoch {now.epoch} is below {was.epoch}, the epoch in force there "
+            f"(generation {old.generation}): epochs are fencing tokens and never go down"
+        )
+    return (
+        f"{where}, the owner changes from {was.pod.id!r} to {now.pod.id!r} but epoch {now.epoch} "
+        f"is not above {was.epoch}, the epoch in force there (generation {old.generation}): "
+        "a slice that changes owner takes a new epoch (the new generation)"
+    )
+
+
+def _merge_walk(
+    old_starts: array[int],
+    new_starts: array[int],
+    old_epoch: Sequence[int],
+    new_epoch: Sequence[int],
+    old_owner: Sequence[int],
+    new_owner: Sequence[int],
+) -> tuple[int, int] | None:
+    """The first pair (old slice, new slice) that overlap where the new epoch
+    is below the old one plus one if the owner changed; None if none. Walks
+    the segments between both tables' starts once (over lists: indexing an
+    array makes a new int each time)."""
+    so, sn = old_starts.tolist(), new_starts.tolist()
+    so.append(KEY_SPACE)
+    sn.append(KEY_SPACE)
+    oe, ne_, oo, no = list(old_epoch), list(new_epoch), list(old_owner), list(new_owner)
+    i = j = 0
+    end_old, end_new = so[1], sn[1]
+    while True:
+        if ne_[j] < oe[i] + (oo[i] != no[j]):
+            return i, j
+        if end_old < end_new:
+            i += 1
+            end_old = so[i + 1]
+        elif end_new < end_old:
+            j += 1
+            end_new = sn[j + 1]
+        elif end_old == KEY_SPACE:
+            return None
+        else:
+            i += 1
+            j += 1
+            end_old, end_new = so[i + 1], sn[j + 1]
 
 
 def _end(starts: array[int], i: int) -> int:

@@ -24,8 +24,13 @@ compared, for the reload log) in one helper process per proxy worker:
 * the helper exits after ``idle_exit`` seconds without a call (60 s), so
   its memory (up to ~160 MB while parsing a 100k-slice table) is held only
   around reloads; the next call starts a new one;
+* a table parsed in the helper is also checked there against ``baseline``,
+  the table in force (``epoch_regression``), which ``judge`` then takes as
+  done instead of walking two big tables on the event loop;
 * if the helper dies, the call that saw it falls back to a thread, and the
-  next call starts a new helper.
+  next call starts a new helper. Inputs beyond the bounds of
+  ``proxy.assignment`` (bytes, pods, slices x pods of a generated table) are
+  refused before either: nothing huge is ever parsed in the proxy's process.
 
 Small tables are parsed inline: for them the round trip costs more than the
 work.
@@ -49,9 +54,19 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
-from .assignment import DEFAULT_SLICE_COUNT, Assignment, AssignmentError, from_json, moved_share, parse
+from .assignment import (
+    DEFAULT_SLICE_COUNT,
+    MAX_GENERATED,
+    MAX_TABLE_BYTES,
+    Assignment,
+    AssignmentError,
+    epoch_regression,
+    from_json,
+    loads,
+    moved_share,
+    parse,
+    too_big,
+)
 
 log = logging.getLogger("keyroute.offload")
 T = TypeVar("T")
@@ -77,11 +92,32 @@ class _Kept:
     seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class Vetted:
+    """A table and ``epoch_regression(baseline, table)``, from the helper."""
+
+    table: Assignment
+    regression: str | None
+
+
 def read_table(path: str) -> Assignment:
     """Read and parse a table file (runs in the helper for big files)."""
     with open(path, "rb") as fh:
-        data = fh.read()
+        data = fh.read(MAX_TABLE_BYTES + 1)  # parse() names the limit
     return parse(data)
+
+
+def vet(fn: Callable[[Any], Assignment], arg: Any, baseline: Assignment) -> Vetted:
+    """``fn(arg)``, and how it compares with ``baseline`` (in the helper)."""
+    table = fn(arg)
+    return Vetted(table, epoch_regression(baseline, table))
+
+
+def _table_of(value: Any) -> Assignment | None:
+    """The table a call returned, if any (the helper keeps it for later calls)."""
+    if isinstance(value, Vetted):
+        return value.table
+    return value if isinstance(value, Assignment) else None
 
 
 def _helper(conn: Connection, low_priority: bool, idle_exit: float) -> None:
@@ -105,8 +141,9 @@ def _helper(conn: Connection, low_priority: bool, idle_exit: float) -> None:
         except Exception as exc:
             result = (False, exc)
         else:
-            if isinstance(value, Assignment):
-                kept[seq] = value
+            table = _table_of(value)
+            if table is not None:
+                kept[seq] = table
                 while len(kept) > KEEP:
                     del kept[min(kept)]
         try:
@@ -136,24 +173,38 @@ class Offload:
         self._kept: list[tuple[weakref.ref[Assignment], int]] = []
         self.calls = 0  # calls answered by the helper
         self.fallbacks = 0  # calls run in a thread because the helper failed
+        # The table in force (set by its owner as it publishes one): big
+        # tables are checked against it in the helper (``epoch_regression``).
+        self.baseline: Assignment | None = None
 
     async def parse(self, data: bytes) -> Assignment:
         """Parse and validate a table; raises ``AssignmentError``."""
         if len(data) < INLINE_BYTES:
-            try:
-                doc = orjson.loads(data)
-            except orjson.JSONDecodeError as exc:
-                raise AssignmentError(f"not valid JSON: {exc}") from None
+            doc = loads(data)
             if not _expands(doc):
-                return from_json(doc)
-        return await self.run(parse, data)
+                return from_json(doc, data)
+        elif len(data) > MAX_TABLE_BYTES:
+            raise AssignmentError(too_big(len(data)))
+        return await self._vetted(parse, data)
 
     async def read(self, path: str) -> Assignment:
         """Read and parse a table file; raises ``OSError`` or ``AssignmentError``."""
-        if os.stat(path).st_size < INLINE_BYTES:
+        size = os.stat(path).st_size
+        if size < INLINE_BYTES:
             with open(path, "rb") as fh:
-                return await self.parse(fh.read())
-        return await self.run(read_table, path)
+                return await self.parse(fh.read(MAX_TABLE_BYTES + 1))
+        if size > MAX_TABLE_BYTES:
+            raise AssignmentError(too_big(size))
+        return await self._vetted(read_table, path)
+
+    async def _vetted(self, fn: Callable[[Any], Assignment], arg: Any) -> Assignment:
+        """``fn(arg)`` in the helper, checked there against the baseline."""
+        baseline = self.baseline
+        if baseline is None:
+            return await self.run(fn, arg)
+        vetted = await self.run(vet, fn, arg, baseline)
+        vetted.table.vetted(baseline, vetted.regression)
+        return vetted.table
 
     async def moved_share(self, old: Assignment, new: Assignment) -> float:
         if old.slice_count + new.slice_count < INLINE_COMPARE:
@@ -178,8 +229,9 @@ class Offload:
                     answer: tuple[bool, Any] = conn.recv()
                     self._last_done = time.monotonic()
                     self.calls += 1
-                    if answer[0] and isinstance(answer[1], Assignment):
-                        self._kept = [*self._kept, (weakref.ref(answer[1]), self._seq)][-KEEP:]
+                    table = _table_of(answer[1]) if answer[0] else None
+                    if table is not None:
+                        self._kept = [*self._kept, (weakref.ref(table), self._seq)][-KEEP:]
                     if self._closed:  # closed while we waited: close() left the helper to us
                         self._stop()
                     return answer
@@ -285,7 +337,8 @@ def _expands(doc: Any) -> bool:
     pods = doc.get("pods")
     if not isinstance(count, int) or not isinstance(pods, dict):
         return False  # invalid: from_json names the problem
-    return count * len(pods) > INLINE_GENERATE
+    # Beyond MAX_GENERATED, from_json refuses it at once: no helper needed.
+    return INLINE_GENERATE < count * len(pods) <= MAX_GENERATED
 
 
 if __name__ == "__main__":

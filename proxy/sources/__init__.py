@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from ..assignment import Assignment, AssignmentError, parse
+from ..assignment import MAX_TABLE_BYTES, Assignment, AssignmentError, epoch_regression, parse
 
 if TYPE_CHECKING:
     from ..offload import Offload
@@ -37,7 +37,7 @@ def read_file(path: str) -> Assignment:
     be read and ``AssignmentError`` if its content is not a valid table."""
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            data = fh.read(MAX_TABLE_BYTES + 1)  # parse() names the limit
     except FileNotFoundError:
         raise SourceError(f"assignment table {path!r} not found") from None
     except OSError as exc:
@@ -49,7 +49,7 @@ def read_file(path: str) -> Assignment:
 
 
 def initial_identity(source: str) -> tuple[int, ...] | None:
-    """The identity (device, inode, size, mtime) of a file source's file now;
+    """The identity (device, inode, size, mtime, ctime) of a file source's file now;
     None for other sources or a missing file."""
     if source.startswith(("http://", "https://")):
         return None
@@ -101,10 +101,25 @@ def open_source(
     return FileSource(file_path(source), watch=watch, poll_interval=poll_interval, offload=offload, known=known)
 
 
+# Why a table was refused (the ``reloads_total`` result label), by the start of
+# ``judge``'s verdict.
+STALE = "stale"
+CONFLICT = "conflict"
+EPOCH_REGRESSION = "epoch_regression"
+
+
 def judge(old: Assignment | None, new: Assignment) -> str | None:
-    """None if ``new`` may replace ``old``; "" if it is the same table; else why not."""
-    if old is None or new.generation > old.generation:
+    """None if ``new`` may replace ``old``; "" if it is the same table; else
+    why not, starting with "stale", "conflicting" or "epoch regression"
+    (``verdict_kind`` gives the label)."""
+    if old is None:
         return None
+    if new.generation > old.generation:
+        # Worked out in the helper process for big tables (see proxy.offload).
+        regression = epoch_regression(old, new)
+        if regression is None:
+            return None
+        return f"epoch regression: {regression}"
     if new.generation < old.generation:
         return f"stale table: generation {new.generation} is below the one in force, {old.generation}"
     # Same pods and same slices (owners, epochs, backups): the same table.
@@ -112,3 +127,12 @@ def judge(old: Assignment | None, new: Assignment) -> str | None:
     if dict(new.pods) == dict(old.pods) and new.same_slices(old):
         return ""
     return f"conflicting table: generation {new.generation} is in force with different content"
+
+
+def verdict_kind(verdict: str) -> str:
+    """The ``reloads_total`` result label of a refusal by ``judge``."""
+    if verdict.startswith("stale"):
+        return STALE
+    if verdict.startswith("epoch regression"):
+        return EPOCH_REGRESSION
+    return CONFLICT

@@ -2,9 +2,15 @@
 
 Reacts to in-place writes, atomic renames (write a temp file, then ``mv``) and
 the Kubernetes ConfigMap symlink swap (``..data`` -> a new timestamped folder):
-all three change the identity (device, inode, size, mtime) of the file that
-PATH resolves to. inotify (through inotify_simple, on the event loop: no
-thread, no timer while nothing happens) wakes the watcher once the folder has
+all three change the identity (device, inode, size, mtime, ctime, in
+nanoseconds) of the file that PATH resolves to. A rewrite of the same size
+within one tick of the filesystem's clock leaves the identity as it was, so
+while a file's timestamps are recent (``RACY_NS``) its content hash, taken
+before it is read, decides; one more hash once they are no longer recent
+covers a write in the tick's last moments (git's "racily clean" entries).
+
+inotify (through inotify_simple, on the event loop: no thread, no timer
+while nothing happens) wakes the watcher once the folder has
 been quiet for ``step`` (2 ms); the identity is also checked every
 ``poll_interval`` in case events are lost, and ``watch = "poll"`` uses only
 that, then waits for the identity to hold still for ``debounce``.
@@ -18,17 +24,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from ..assignment import Assignment, AssignmentError
+from ..assignment import MAX_TABLE_BYTES, Assignment, AssignmentError
 from ..offload import Offload
 from . import Failure
 
 log = logging.getLogger("keyroute.sources")
-Identity = tuple[int, int, int, int]
+Identity = tuple[int, int, int, int, int]
+# Timestamps tick coarsely (a jiffy on Linux, 2 s on FAT, a server's clock on
+# NFS): a file changed less than this long ago may change again, at the same
+# size, without changing them.
+RACY_NS = 2_000_000_000
 # inotify events on a watched folder that can change the file PATH resolves
 # to (IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO,
 # IN_CREATE, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF).
@@ -40,7 +52,27 @@ def identity(path: str) -> Identity | None:
         st = os.stat(path)  # follows symlinks: a swapped ConfigMap is a new file
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def racy(ident: Identity) -> bool:
+    """Whether the file may still change within its timestamps' tick."""
+    return time.time_ns() - max(ident[3], ident[4]) < RACY_NS
+
+
+def digest(path: str) -> bytes | None:
+    """Hash of the file's content (of its first ``MAX_TABLE_BYTES`` + 1
+    bytes: beyond that it is refused anyway); None if it cannot be read."""
+    h = hashlib.sha256()
+    left = MAX_TABLE_BYTES + 1
+    try:
+        with open(path, "rb") as fh:
+            while left > 0 and (chunk := fh.read(min(left, 1 << 20))):
+                h.update(chunk)
+                left -= len(chunk)
+    except OSError:
+        return None
+    return h.digest()
 
 
 class FileSource:
@@ -67,6 +99,8 @@ class FileSource:
         self.debounce = debounce
         self.step = step
         self.seen: Identity | None = None
+        # Content hash of the file as last read, while its identity is racy.
+        self.digest: bytes | None = None
         self._own_offload = offload is None
         self.offload = offload if offload is not None else Offload()
 
@@ -99,7 +133,8 @@ class FileSource:
             # consumer drops a table equal to the one in force. Unless the
             # file provably did not change (``known``): then nothing to read.
             self.seen = identity(self.path)
-            if self.known is None or self.seen != self.known:
+            if self.known is None or self.seen != self.known or (self.seen is not None and racy(self.seen)):
+                await self._note_digest()
                 first = await self._read()
                 if first is not None:
                     yield first
@@ -120,21 +155,45 @@ class FileSource:
     async def _check(self) -> Assignment | Failure | None:
         """The new table if the file changed since it was last read."""
         ident = identity(self.path)
-        if ident is None or ident == self.seen:
+        if ident is None:
             return None
-        if self.watch == "poll" and self.debounce:
+        if ident == self.seen:
+            if self.digest is None:
+                return None
+            # Decided before hashing: a write after this moment changes the
+            # timestamps, so a hash that matches now proves no change.
+            settled = not racy(ident)
+            now = await self._hash()
+            if now is None or now == self.digest:
+                if settled and now is not None:
+                    self.digest = None
+                return None
+            # Same identity, other content: a rewrite within one tick.
+        elif self.watch == "poll" and self.debounce:
             # Let a burst of writes settle (the inotify watch does this itself):
             # read once the file has held still for ``debounce``, or after 1 s.
             for _ in range(max(1, int(1.0 / self.debounce))):
                 await asyncio.sleep(self.debounce)
-                now = identity(self.path)
-                if now is None:
+                now_ident = identity(self.path)
+                if now_ident is None:
                     return None
-                if now == ident:
+                if now_ident == ident:
                     break
-                ident = now
+                ident = now_ident
         self.seen = ident
+        await self._note_digest()
         return await self._read()
+
+    async def _note_digest(self) -> None:
+        """Hash the file before it is read if its identity is racy (a later
+        rewrite in the same tick then shows as another hash)."""
+        seen = self.seen
+        self.digest = await self._hash() if seen is not None and racy(seen) else None
+
+    async def _hash(self) -> bytes | None:
+        # Off the loop: a 10 MB table takes some ms to hash (hashlib and file
+        # reads let go of the GIL).
+        return await asyncio.get_running_loop().run_in_executor(None, digest, self.path)
 
     async def _ticks(self) -> AsyncGenerator[None, None]:
         """One tick per settled burst of changes in the watched folders, and
