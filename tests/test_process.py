@@ -21,7 +21,7 @@ import pytest
 
 from proxy import assignment as core
 
-from .conftest import connect, free_port, parse_metrics
+from .conftest import connect, free_port, parse_metrics, wait_for
 
 GIB = 1 << 30
 
@@ -42,6 +42,20 @@ class ProxyProcess:
     def __init__(self, proc: subprocess.Popen[bytes], port: int) -> None:
         self.proc = proc
         self.port = port
+        self.pod: BulkPod | None = None
+
+    async def stopped_accepting(self) -> None:
+        """Wait until the proxy's port refuses connections (it has begun shutting down)."""
+
+        async def refused() -> bool:
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", self.port)
+            except ConnectionRefusedError:
+                return True
+            w.close()
+            return False
+
+        await wait_for(refused, 10, "the proxy to stop accepting")
 
     def stderr(self) -> str:
         assert self.proc.stderr is not None
@@ -88,10 +102,21 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[str, dict[str, str]]
     return line, headers
 
 
+class BulkPod:
+    """What a test sees of a ``bulk_pod``: its port, and a request held at
+    ``/hold`` (``held`` is set when it arrives; it is answered on ``release``)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.held = asyncio.Event()
+        self.release = asyncio.Event()
+
+
 @contextlib.asynccontextmanager
-async def bulk_pod() -> AsyncIterator[int]:
+async def bulk_pod() -> AsyncIterator[BulkPod]:
     """A raw pod: GET /down/N streams N bytes; POST /up counts a Content-Length
-    body; GET /slow/S answers after S seconds."""
+    body; GET /hold answers once the test releases it."""
+    pod = BulkPod()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -117,9 +142,10 @@ async def bulk_pod() -> AsyncIterator[int]:
                         left -= len(data)
                     body = b"%d" % got
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-                elif path.startswith("/slow/"):
-                    await asyncio.sleep(float(path[6:]))
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
+                elif path == "/hold":
+                    pod.held.set()
+                    await pod.release.wait()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nheld")
                 else:
                     writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 await writer.drain()
@@ -129,9 +155,11 @@ async def bulk_pod() -> AsyncIterator[int]:
             writer.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    pod.port = server.sockets[0].getsockname()[1]
     try:
-        yield server.sockets[0].getsockname()[1]
+        yield pod
     finally:
+        pod.release.set()
         server.close()
         for w in list(getattr(server, "_clients", ())):
             w.close()
@@ -143,10 +171,11 @@ async def proxied_bulk_pod(
     tmp_path: Path, *args: str, env: dict[str, str] | None = None
 ) -> AsyncIterator[ProxyProcess]:
     """``keyroute run`` (with ``args``) over a table whose one pod, "p", is a ``bulk_pod``."""
-    async with bulk_pod() as pod_port:
+    async with bulk_pod() as pod:
         table = tmp_path / "t.json"
-        write_table(table, [("p", pod_port)])
+        write_table(table, [("p", pod.port)])
         with run_proxy(table, *args, env=env) as px:
+            px.pod = pod
             yield px
 
 
@@ -185,12 +214,17 @@ async def test_gib_download_and_upload_with_flat_memory(tmp_path: Path) -> None:
 
 async def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path) -> None:
     async with proxied_bulk_pod(tmp_path) as px:
+        assert px.pod is not None
         async with connect(px.port) as raw:
-            await raw.send(b"GET /slow/0.8 HTTP/1.1\r\nHost: t\r\nX-Routing-Key: k\r\n\r\n")
-            await asyncio.sleep(0.2)
+            await raw.send(b"GET /hold HTTP/1.1\r\nHost: t\r\nX-Routing-Key: k\r\n\r\n")
+            async with asyncio.timeout(10):
+                await px.pod.held.wait()  # in flight at the pod
             px.proc.send_signal(signal.SIGTERM)
+            await px.stopped_accepting()
+            assert px.proc.poll() is None  # draining: the request in flight is not done
+            px.pod.release.set()
             status, headers, body = await raw.response(timeout=10)
-            assert status == 200 and body == b"slow"
+            assert status == 200 and body == b"held"
             assert headers["connection"] == "close"
         assert await asyncio.to_thread(px.proc.wait, 10) == 0
         with pytest.raises(OSError):
@@ -202,15 +236,18 @@ async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
         proxied_bulk_pod(tmp_path, env={"KEYROUTE_PROXY_SHUTDOWN_TIMEOUT": "30s"}) as px,
         connect(px.port) as raw,
     ):
-        await raw.send(b"GET /slow/20 HTTP/1.1\r\nHost: t\r\nX-Routing-Key: k\r\n\r\n")
-        await asyncio.sleep(0.3)
+        assert px.pod is not None
+        await raw.send(b"GET /hold HTTP/1.1\r\nHost: t\r\nX-Routing-Key: k\r\n\r\n")
+        async with asyncio.timeout(10):
+            await px.pod.held.wait()  # in flight, and the pod will not answer
         px.proc.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.3)
+        await px.stopped_accepting()  # the first signal is being handled
         assert px.proc.poll() is None  # still draining
-        started = time.monotonic()
         px.proc.send_signal(signal.SIGTERM)
+        # Gone long before the 30 s drain could end, without an answer.
         code = await asyncio.to_thread(px.proc.wait, 10)
-        assert code != 0 and time.monotonic() - started < 5
+        assert code != 0
+        assert await raw.reader.read() == b""
 
 
 def _children(pid: int) -> list[int]:
@@ -227,9 +264,7 @@ def _children(pid: int) -> list[int]:
 async def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
     admin_port = free_port()
     async with proxied_bulk_pod(tmp_path, "--workers", "2", "--admin", f"127.0.0.1:{admin_port}") as px:
-        deadline = time.monotonic() + 10
-        while len(_children(px.proc.pid)) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_for(lambda: len(_children(px.proc.pid)) >= 2, 10, "two workers")
         workers = _children(px.proc.pid)
         assert len(workers) == 2
         for i in range(20):
@@ -238,23 +273,22 @@ async def test_workers_share_the_port_and_stop_together(tmp_path: Path) -> None:
                 status, headers, body = await raw.response()
                 assert status == 200 and body == b"ok" and headers["x-keyroute-pod"] == "p"
         # Any worker's /metrics counts what all workers served.
-        deadline = time.monotonic() + 10
-        while True:
-            samples = await asyncio.to_thread(_metrics, admin_port)
+        samples: dict[str, float] = {}
+
+        async def all_counted() -> bool:
+            samples.update(await asyncio.to_thread(_metrics, admin_port))
             served = sum(v for k, v in samples.items() if k.startswith("keyroute_responses_total{"))
-            if (served, samples.get("keyroute_workers")) == (20, 2) or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.2)
-        assert served == 20 and samples["keyroute_workers"] == 2
+            return (served, samples.get("keyroute_workers")) == (20, 2)
+
+        await wait_for(all_counted, 10, "both workers' counts in /metrics")
         # A worker that dies is replaced.
         os.kill(workers[0], signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+
+        def replaced() -> bool:
             now = _children(px.proc.pid)
-            if len(now) == 2 and workers[0] not in now:
-                break
-            await asyncio.sleep(0.1)
-        assert len(_children(px.proc.pid)) == 2
+            return len(now) == 2 and workers[0] not in now
+
+        await wait_for(replaced, 10, "the killed worker's replacement")
         px.proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(px.proc.wait, 15) == 0
 
@@ -328,10 +362,11 @@ async def test_demo_routes_and_moves_a_key(tmp_path: Path) -> None:
         owner = first.pop()
         r = _run("gen", "--from", table.group(1), "--drain", owner, "-o", table.group(1))
         assert r.returncode == 0, r.stderr
-        deadline = time.monotonic() + 5
-        while await ask(b"user-1") == owner:
-            assert time.monotonic() < deadline, "the key did not move"
-            await asyncio.sleep(0.1)
+
+        async def moved() -> bool:
+            return await ask(b"user-1") != owner
+
+        await wait_for(moved, 5, "the key to move")
         doc = orjson.loads(Path(table.group(1)).read_bytes())
         assert doc["pods"][owner]["state"] == "draining"
     finally:
@@ -355,29 +390,39 @@ async def test_workers_do_not_reparse_an_unchanged_big_table(tmp_path: Path) -> 
     table.write_bytes(first.dumps())
     admin_port = free_port()
 
-    async def metrics_when(ok: Any) -> dict[str, float]:
-        deadline = time.monotonic() + 15
+    async def metrics_when(ok: Any, what: str) -> dict[str, float]:
         samples: dict[str, float] = {}
-        while time.monotonic() < deadline:
+
+        async def check() -> bool:
             with contextlib.suppress(OSError):  # the admin listener may not be up yet
-                samples = await asyncio.to_thread(_metrics, admin_port)
-                if ok(samples):
-                    break
-            await asyncio.sleep(0.2)
+                samples.clear()
+                samples.update(await asyncio.to_thread(_metrics, admin_port))
+                return bool(ok(samples))
+            return False
+
+        await wait_for(check, 15, what)
         return samples
 
     with run_proxy(table, "--workers", "2", "--admin", f"127.0.0.1:{admin_port}") as px:
-        samples = await metrics_when(lambda m: m.get("keyroute_workers") == 2)
-        assert samples.get("keyroute_workers") == 2
-        await asyncio.sleep(2.5)  # a worker's first read would be done, and published, by now
-        samples = await asyncio.to_thread(_metrics, admin_port)
+        await metrics_when(lambda m: m.get("keyroute_workers") == 2, "both workers' metrics")
+        # A marker change: a small file that is not a table, read in each
+        # worker (inline, no helper) by its watch and refused. The watch runs
+        # only after a worker's first read: once both have refused the marker,
+        # both first reads are done, and had they parsed the big table they
+        # would have called the helper.
+        (tmp_path / "t.new").write_bytes(b"{}")
+        os.replace(tmp_path / "t.new", table)
+        samples = await metrics_when(
+            lambda m: m.get('keyroute_reloads_total{result="invalid"}') == 2, "both workers to refuse the marker"
+        )
         assert samples["keyroute_table_helper_calls_total"] == 0
         # A change is read by each worker, in its helper.
         newer = core.evolve(first, pods, 6, rebalance=True)
         (tmp_path / "t.new").write_bytes(newer.dumps())
         os.replace(tmp_path / "t.new", table)
         samples = await metrics_when(
-            lambda m: m.get("keyroute_generation") == 6 and m.get("keyroute_table_helper_calls_total") == 2
+            lambda m: m.get("keyroute_generation") == 6 and m.get("keyroute_table_helper_calls_total") == 2,
+            "both workers on generation 6",
         )
         assert samples["keyroute_generation"] == 6
         assert samples["keyroute_table_helper_calls_total"] == 2
