@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from proxy import assignment as core
+from proxy.sources.file import identity, racy
 
 from .conftest import connect, free_port, parse_metrics, wait_for
 
@@ -389,6 +390,9 @@ async def test_workers_do_not_reparse_an_unchanged_big_table(tmp_path: Path) -> 
     table = tmp_path / "t.json"
     table.write_bytes(first.dumps())
     admin_port = free_port()
+    # A file written moments ago may still change within its timestamps' tick,
+    # so workers re-read it whatever its identity: start on a settled file.
+    await wait_for(lambda: not racy(identity(str(table))), 10, "the table file's timestamps to settle")
 
     async def metrics_when(ok: Any, what: str) -> dict[str, float]:
         samples: dict[str, float] = {}
