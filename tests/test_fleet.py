@@ -27,7 +27,7 @@ from dockerfile_parse import DockerfileParser
 from proxy import assignment as core
 from proxy.config import load as load_settings
 
-from .conftest import Proxy
+from .conftest import Proxy, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 POD_SCRIPT = ROOT / "bench" / "pod.py"
@@ -82,15 +82,15 @@ class Pods:
             await self.wait_generation(pid, table.generation)
 
     async def wait_generation(self, pid: str, generation: int) -> None:
-        async with asyncio.timeout(15):
-            while True:
-                for p in self.procs:
-                    if p.poll() is not None:
-                        raise AssertionError(f"pod exited: {p.stderr.read().decode() if p.stderr else ''}")
-                with contextlib.suppress(aiohttp.ClientConnectionError):
-                    if (await self.stats(pid))["generation_latest"] >= generation:
-                        return
-                await asyncio.sleep(0.05)
+        async def reached() -> bool:
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise AssertionError(f"pod exited: {p.stderr.read().decode() if p.stderr else ''}")
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                return bool((await self.stats(pid))["generation_latest"] >= generation)
+            return False
+
+        await wait_for(reached, 15, f"pod {pid} to reach generation {generation}")
 
     async def stats(self, pid: str) -> dict[str, Any]:
         assert self.session is not None
