@@ -233,13 +233,14 @@ async def test_pipelined_good_then_refused(proxy: Proxy, pods: list[Pod], pipeli
 
 async def test_header_timeout(proxy_factory: ProxyFactory, pods: list[Pod]) -> None:
     proxy = await proxy_factory(table_for(pods), proxy__header_timeout="300ms")
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
     async with connect(proxy.port) as raw:
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
         await raw.send(b"GET / HTTP/1.1\r\nHost: t\r\nX-Rout")
         await error_and_close(raw, 408, "request_timeout", timeout=5)
         # A lower bound only, which cannot flake: the proxy's timer (on this
-        # same loop clock) was armed after t0, so the timeout ran out after it.
+        # same loop clock) was armed after t0, before the connection existed,
+        # so the timeout ran out after it.
         assert loop.time() - t0 >= 0.3 - 0.01
     assert proxy.runtime.stats.errors == {"request_timeout": 1}
     assert_nothing_reached_pods(proxy, pods)
