@@ -86,6 +86,7 @@ class ProxySettings:
     max_body_bytes: int = 0  # 0: no limit; 413 above
     shutdown_timeout: float = _dur("30s")
     access_log: bool = False  # one JSON log line per request
+    access_log_keys: bool = False  # include the routing key in access log lines (keys can be personal data)
     via: str = "keyroute"  # our token in Via; loop detection looks for it
 
 

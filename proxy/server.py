@@ -49,6 +49,11 @@ _PAUSE_BUFFER = 4
 # Request body bytes buffered while no pod connection is ready.
 _MAX_PENDING = 256 * 1024
 
+# While draining, an idle keep-alive connection stays open this long for a
+# request its client may have sent as the drain began (answered with
+# Connection: close), then closes.
+_DRAIN_IDLE = 1.0
+
 # What the client connection's single timer is guarding.
 _T_IDLE, _T_HEAD, _T_BODY = 1, 2, 3
 
@@ -212,6 +217,9 @@ class Runtime:
         # its full response_timeout, and none starts after this much time.
         self.request_budget = u.response_timeout * (u.retries + 1)
         self.access_log = p.access_log
+        self.access_log_keys = p.access_log and p.access_log_keys
+        self.request_count = 0
+        self.id_prefix = f"{os.getpid():x}"
         folder = os.environ.get(METRICS_DIR_ENV)
         self.shared = Shared(folder) if folder else None
         self.collector = RuntimeCollector(self.stats, self.gauges, self.shared)
@@ -368,6 +376,7 @@ class Exchange:
         "pod",
         "tried",
         "last_error",
+        "key",
     )
 
     def __init__(self, client: ClientProtocol) -> None:
@@ -400,6 +409,7 @@ class Exchange:
         self.pod: Pod | None = None  # the pod serving this attempt
         self.tried: list[str] | None = None  # pods that failed this request
         self.last_error: tuple[int, str, str] | None = None
+        self.key: bytes | None = None  # kept for the access log only (proxy.access_log_keys)
 
     # -- events from the upstream connection --------------------------------
 
@@ -880,6 +890,8 @@ class ClientProtocol(asyncio.Protocol):
                 return
         if key is not None and not key and not rt.allow_empty_key:
             key = None
+        if rt.access_log_keys:
+            ex.key = key
         table = rt.table
         if table is None:
             self._error(ex, 503, "no_table", "no assignment table is in force yet")
@@ -1152,7 +1164,10 @@ class ClientProtocol(asyncio.Protocol):
     def exchange_done(self, ex: Exchange) -> None:
         if self.exchange is not ex:
             return
-        if ex.close_after or not ex.keep_alive or self.runtime.closing or (self.dead and not self.queue):
+        # Draining, a response that did not say Connection: close does not
+        # end the connection: its client may be sending the next request now,
+        # which is served (with Connection: close) rather than lost.
+        if ex.close_after or not ex.keep_alive or (self.dead and not self.queue):
             if self.final_error is not None and not ex.close_after:
                 # A later pipelined request was refused: say so before closing.
                 self.write(self.final_error)
@@ -1182,7 +1197,11 @@ class ClientProtocol(asyncio.Protocol):
             self.close()
             return
         self.resume_reading_for(_PAUSE_PIPELINE)
-        self._arm(_T_IDLE, self.runtime.idle_timeout)
+        self._arm(_T_IDLE, self._idle_time())
+
+    def _idle_time(self) -> float:
+        rt = self.runtime
+        return min(_DRAIN_IDLE, rt.idle_timeout or _DRAIN_IDLE) if rt.closing else rt.idle_timeout
 
     def _error(self, ex: Exchange, status: int, code: str, detail: str) -> None:
         """A request that will not be forwarded. Without a body it is answered
@@ -1222,24 +1241,33 @@ class ClientProtocol(asyncio.Protocol):
             ex.conn = None
         self.exchange_done(ex)
 
-    def access(self, ex: Exchange, status: int, elapsed: float, error: str | None) -> None:
-        route = ex.route
-        access_log.info(
-            "%s",
-            orjson.dumps(
-                {
-                    "client": self.peer.decode(),
-                    "method": ex.method.decode("latin-1"),
-                    "path": ex.url.decode("latin-1"),
-                    "status": status,
-                    "pod": route.pod.id if route is not None else None,
-                    "generation": route.generation if route is not None else None,
-                    "epoch": route.epoch if route is not None else None,
-                    "ms": round(elapsed * 1000, 3),
-                    "error": error,
-                }
-            ).decode(),
-        )
+    def access(self, ex: Exchange | None, status: int, elapsed: float, error: str | None) -> None:
+        """One JSON object per line on the ``keyroute.access`` logger. The
+        key is logged only with ``proxy.access_log_keys`` (keys can be
+        personal data)."""
+        rt = self.runtime
+        rt.request_count += 1
+        route = ex.route if ex is not None else None
+        pod = ex.pod if ex is not None else None
+        doc: dict[str, Any] = {
+            "ts": round(time.time(), 6),
+            "id": f"{rt.id_prefix}-{rt.request_count:x}",
+            "client": self.peer.decode(),
+            "method": ex.method.decode("latin-1") if ex is not None else None,
+            "path": ex.url.decode("latin-1") if ex is not None else None,
+            "status": status,
+            "pod": pod.id if pod is not None else None,
+            "role": None if pod is None or route is None else ("owner" if pod is route.pod else "backup"),
+            "retries": len(ex.tried) if ex is not None and ex.tried else 0,
+            "generation": route.generation if route is not None else None,
+            "epoch": route.epoch if route is not None else None,
+            "ms": round(elapsed * 1000, 3),
+            "error": error,
+        }
+        if rt.access_log_keys:
+            key = ex.key if ex is not None else None
+            doc["key"] = key.decode("latin-1") if key is not None else None
+        access_log.info("%s", orjson.dumps(doc).decode())
 
     def _reject(self, status: int, code: str, detail: str) -> None:
         """From a parser callback: stop parsing, answer, close."""
@@ -1250,11 +1278,18 @@ class ClientProtocol(asyncio.Protocol):
         """The byte stream cannot be trusted past this point: answer and close."""
         self.dead = True
         self.pause_reading_for(_PAUSE_PIPELINE)
-        body = wire.error_response(
-            status, code, detail, self.runtime.table.generation if self.runtime.table else None, close=True
-        )
-        self.runtime.stats.error(code)
+        rt = self.runtime
+        body = wire.error_response(status, code, detail, rt.table.generation if rt.table else None, close=True)
+        rt.stats.error(code)
         ex = self.exchange
+        bad = self.parsing or ex
+        if ex is None or bad is not ex or not ex.resp_started:
+            # A response is sent for the refused request (now, or after the
+            # one being answered): count it like any other.
+            elapsed = self.loop.time() - bad.started if bad is not None and bad.started else 0.0
+            rt.stats.response("-", status, elapsed)
+            if rt.access_log:
+                self.access(bad, status, elapsed, code)
         if ex is None or (ex is self.parsing and not ex.resp_started) or (not ex.head_done):
             if ex is not None and ex.conn is not None:
                 ex.conn.exchange = None
@@ -1365,9 +1400,21 @@ class ClientProtocol(asyncio.Protocol):
             self._fail_connection(408, "body_timeout", f"request body stalled for {self.runtime.body_timeout:g}s")
 
     def shutdown(self) -> None:
-        """Stop after the exchange in progress (or now, if there is none)."""
+        """Draining: the exchange in progress, or a request that arrives
+        while the connection is idle for ``_DRAIN_IDLE``, is the last one
+        (its response says Connection: close)."""
         if self.exchange is None and self.tunnel is None:
-            self.close()
+            self._arm(_T_IDLE, self._idle_time())
+
+
+def plain_json_access_log() -> None:
+    """Access log lines are bare JSON objects on stderr (no logger prefix), so
+    a log shipper can parse each line as it is."""
+    if not access_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access_log.addHandler(handler)
+        access_log.propagate = False
 
 
 def check_accelerators() -> None:
@@ -1478,6 +1525,7 @@ def main(settings: Settings) -> int:
 
     check_accelerators()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    plain_json_access_log()
     try:
         # Taken before the read: a change after it is read again by the source.
         known = sources.initial_identity(settings.assignment.source)
