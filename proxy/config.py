@@ -77,6 +77,7 @@ class ProxySettings:
     key_header: str = "X-Routing-Key"
     missing_key: str = "reject"  # reject | random | pod:<id>
     allow_empty_key: bool = False  # route an empty key header as the key ""; else it counts as missing
+    get_body: str = "reject"  # reject | forward: GET and HEAD requests with a body
     response_headers: bool = True
     header_timeout: float = _dur("10s")  # whole request head
     body_timeout: float = _dur("30s")  # idle time between body reads
@@ -251,6 +252,8 @@ def _check(s: Settings) -> None:
     p = s.proxy
     if p.missing_key not in ("reject", "random") and not (p.missing_key.startswith("pod:") and len(p.missing_key) > 4):
         raise ConfigError(f'proxy.missing_key: expected reject, random or "pod:<id>", got {p.missing_key!r}')
+    if p.get_body not in ("reject", "forward"):
+        raise ConfigError(f"proxy.get_body: expected reject or forward, got {p.get_body!r}")
     if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", p.key_header):
         raise ConfigError(f"proxy.key_header: {p.key_header!r} is not a valid header name")
     if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", p.via):

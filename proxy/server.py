@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import httptools
 import orjson
@@ -194,6 +194,7 @@ class Runtime:
         self.idle_timeout = p.idle_timeout
         self.send_timeout = p.send_timeout
         self.allow_empty_key = p.allow_empty_key
+        self.reject_get_body = p.get_body == "reject"
         self.max_header_bytes = p.max_header_bytes
         self.max_body_bytes = p.max_body_bytes
         # How far ahead a client connection's timer is ever scheduled.
@@ -377,6 +378,7 @@ class Exchange:
         "tried",
         "last_error",
         "key",
+        "body_left",
     )
 
     def __init__(self, client: ClientProtocol) -> None:
@@ -410,6 +412,7 @@ class Exchange:
         self.tried: list[str] | None = None  # pods that failed this request
         self.last_error: tuple[int, str, str] | None = None
         self.key: bytes | None = None  # kept for the access log only (proxy.access_log_keys)
+        self.body_left = 0  # body bytes of an Upgrade request still to come (see _count_body)
 
     # -- events from the upstream connection --------------------------------
 
@@ -602,6 +605,7 @@ class ClientProtocol(asyncio.Protocol):
         "held_size",
         "send_timer",
         "send_mark",
+        "counting",
     )
 
     def __init__(self, runtime: Runtime) -> None:
@@ -638,6 +642,7 @@ class ClientProtocol(asyncio.Protocol):
         self.held_size = 0
         self.send_timer: asyncio.TimerHandle | None = None
         self.send_mark = 0  # write buffer size when the send timer was armed
+        self.counting: Exchange | None = None  # an Upgrade request whose body is read by count
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -673,6 +678,9 @@ class ClientProtocol(asyncio.Protocol):
         self.queue.clear()
 
     def data_received(self, data: bytes) -> None:
+        if self.counting is not None:
+            self._count_body(data)
+            return
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
@@ -824,7 +832,7 @@ class ClientProtocol(asyncio.Protocol):
                 key = value
             tag = special.get(lname)
             if tag is None:
-                if lname.startswith(b"x-keyroute-"):
+                if lname.startswith(b"x-keyroute-") or ((b"_" in lname or b"--" in lname) and wire.lookalike(lname)):
                     continue
                 out.append(name + b": " + value + b"\r\n")
                 continue
@@ -867,9 +875,17 @@ class ClientProtocol(asyncio.Protocol):
         if te:
             if not ex.http11:
                 self._reject(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
-            if not wire.only_chunked(te):
-                self._reject(400, "bad_request", "Transfer-Encoding must be chunked alone")
+            codings = wire.request_codings(te)
+            if codings is None:
+                self._reject(400, "bad_request", "Transfer-Encoding must end in chunked, once")
+            te = codings
             ex.req_chunked = True
+        if (ex.req_length > 0 or ex.req_chunked) and (method == b"GET" or method == b"HEAD") and rt.reject_get_body:
+            # Servers disagree on whether such a body exists: one that ignores
+            # it reads it as the next request.
+            self._reject(
+                400, "bad_request", f'{method.decode()} with a body (set proxy.get_body = "forward" to allow it)'
+            )
         if keys > 1:
             self._reject(400, "duplicate_key", f"more than one {rt.settings.proxy.key_header} header")
         if drop:
@@ -918,10 +934,19 @@ class ClientProtocol(asyncio.Protocol):
             host = b"%s:%d" % (pod.host.encode(), pod.port)
         out.insert(4, b"Host: " + host + b"\r\n")
         if te:
-            out.append(b"Transfer-Encoding: chunked\r\n")
+            out.append(b"Transfer-Encoding: " + te + b"\r\n")
         if parser.should_upgrade() and upgrade:
-            ex.upgrade = True
-            out.append(b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n")
+            if ex.req_chunked:
+                self._reject(400, "bad_request", "an Upgrade request with a chunked body is not supported")
+            if ex.req_length > 0:
+                # The parser hands a body of an Upgrade request over as the
+                # new protocol's bytes: count it out ourselves, forward the
+                # request without the upgrade, and end the connection after.
+                ex.body_left = ex.req_length
+                ex.close_after = True
+            else:
+                ex.upgrade = True
+                out.append(b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n")
         version_token = b"1.1 " if ex.http11 else b"1.0 "
         out.append(b"Via: " + (via + b", " if via else b"") + version_token + rt.via_token + b"\r\n")
         out.append(b"X-Forwarded-For: " + (xff + b", " if xff else b"") + self.peer + b"\r\n")
@@ -949,7 +974,11 @@ class ClientProtocol(asyncio.Protocol):
         limit = self.runtime.max_body_bytes
         if limit and ex.body_bytes > limit:
             self._reject(413, "body_too_large", f"request body exceeds {limit} bytes")
-        data = wire.chunk(body) if ex.req_chunked else body
+        self._body(ex, wire.chunk(body) if ex.req_chunked else body)
+
+    def _body(self, ex: Exchange, data: bytes) -> None:
+        """Request body bytes, framed for the pod: sent, or kept until the
+        pod connection is ready (reading pauses past a bound)."""
         if ex.sent:
             assert ex.conn is not None
             ex.conn.write(data)
@@ -967,7 +996,10 @@ class ClientProtocol(asyncio.Protocol):
         ex.req_done = True
         if not ex.keep_alive or ex.upgrade:
             self.dead = True
-        if ex is self.exchange and self.timer_kind == _T_BODY:
+        if ex.body_left:
+            ex.req_done = False  # its body comes as "upgrade" bytes: see _count_body
+            self.dead = True
+        elif ex is self.exchange and self.timer_kind == _T_BODY:
             self.deadline = 0.0
         if ex.error is not None:
             if ex is self.exchange and not ex.resp_started:
@@ -1130,9 +1162,31 @@ class ClientProtocol(asyncio.Protocol):
         if self.held_size > _MAX_PENDING:
             self.pause_reading_for(_PAUSE_BUFFER)
 
+    def _count_body(self, data: bytes) -> None:
+        """The body of an Upgrade request (see on_headers_complete): the first
+        ``body_left`` bytes; whatever follows is never read as a request."""
+        ex = self.counting
+        assert ex is not None
+        if self.timer_kind == _T_BODY:
+            self.deadline = self.loop.time() + self.runtime.body_timeout
+        part = data[: ex.body_left]
+        if part:
+            ex.body_left -= len(part)
+            ex.body_bytes += len(part)
+            self._body(ex, part)
+        if not ex.body_left:
+            self.counting = None
+            ex.req_done = True
+            if ex is self.exchange and self.timer_kind == _T_BODY:
+                self.deadline = 0.0
+
     def _begin_upgrade(self, rest: bytes) -> None:
         # The upgrade request is the last one parsed: queued, or being served.
         ex = self.queue[-1] if self.queue else self.exchange
+        if ex is not None and ex.body_left:
+            self.counting = ex
+            self._count_body(rest)
+            return
         if ex is None or not ex.upgrade:
             self._fail_connection(400, "bad_request", "unexpected protocol upgrade")
             return
@@ -1228,7 +1282,18 @@ class ClientProtocol(asyncio.Protocol):
         ex.resp_started = True
         close = ex.close_after or not ex.keep_alive or not ex.req_done or rt.closing or ex.upgrade
         generation = ex.table.generation if ex.table is not None else (rt.table.generation if rt.table else None)
-        self.write(wire.error_response(status, code, detail, generation, close=close, extra=extra, fields=fields))
+        self.write(
+            wire.error_response(
+                status,
+                code,
+                detail,
+                generation,
+                close=close,
+                extra=extra,
+                fields=fields,
+                head=ex.method == b"HEAD",
+            )
+        )
         rt.stats.error(code)
         elapsed = self.loop.time() - ex.started if ex.started else 0.0
         rt.stats.response(ex.pod.id if ex.pod is not None else "-", status, elapsed)
@@ -1269,7 +1334,7 @@ class ClientProtocol(asyncio.Protocol):
             doc["key"] = key.decode("latin-1") if key is not None else None
         access_log.info("%s", orjson.dumps(doc).decode())
 
-    def _reject(self, status: int, code: str, detail: str) -> None:
+    def _reject(self, status: int, code: str, detail: str) -> NoReturn:
         """From a parser callback: stop parsing, answer, close."""
         self.reject = (status, code, detail)
         raise _Reject(detail)
@@ -1279,10 +1344,17 @@ class ClientProtocol(asyncio.Protocol):
         self.dead = True
         self.pause_reading_for(_PAUSE_PIPELINE)
         rt = self.runtime
-        body = wire.error_response(status, code, detail, rt.table.generation if rt.table else None, close=True)
-        rt.stats.error(code)
         ex = self.exchange
         bad = self.parsing or ex
+        body = wire.error_response(
+            status,
+            code,
+            detail,
+            rt.table.generation if rt.table else None,
+            close=True,
+            head=bad is not None and bad.method == b"HEAD",
+        )
+        rt.stats.error(code)
         if ex is None or bad is not ex or not ex.resp_started:
             # A response is sent for the refused request (now, or after the
             # one being answered): count it like any other.

@@ -105,12 +105,38 @@ def origin_form(method: bytes, target: bytes) -> tuple[bytes, bytes] | None:
     return rest, authority
 
 
-def only_chunked(codings: bytes) -> bool:
-    """A request's Transfer-Encoding (all its headers joined) is chunked and
-    nothing else: any other coding is refused, not guessed at."""
+def request_codings(codings: bytes) -> bytes | None:
+    """A request's Transfer-Encoding (all its headers joined), normalized for
+    the pod: the coding names lower-cased and comma-joined, parameters and
+    ``identity`` left out, ``chunked`` once and last. None if it is not that
+    (refuse the request)."""
     if codings.lower() == b"chunked":
-        return True
-    return [c for c in (c.strip().lower() for c in codings.split(b",")) if c] == [b"chunked"]
+        return b"chunked"
+    names = [c.partition(b";")[0].strip().lower() for c in codings.split(b",")]
+    kept = [n for n in names if n and n != b"identity"]  # empty list elements: RFC 9110 §5.6.1
+    if not kept or kept[-1] != b"chunked" or kept.count(b"chunked") != 1:
+        return None
+    return b", ".join(kept)
+
+
+# Header names some servers fold together (CGI maps "-" and "_" alike): a
+# look-alike of one the proxy controls is dropped, not passed on.
+_LOOKALIKE = re.compile(rb"[-_]+")
+_CONTROLLED = HOP_BY_HOP | {
+    b"content-length",
+    b"host",
+    b"via",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-forwarded-host",
+}
+
+
+def lookalike(lname: bytes) -> bool:
+    """``Transfer_Encoding``, ``Content--Length``: a lower-case header name
+    with ``_`` or repeated ``-`` that folds onto a header the proxy controls."""
+    folded = _LOOKALIKE.sub(b"-", lname)
+    return folded in _CONTROLLED or folded.startswith(b"x-keyroute-")
 
 
 def via_names(via: bytes, token: bytes) -> bool:
@@ -150,21 +176,24 @@ def error_response(
     close: bool,
     extra: bytes = b"",
     fields: dict[str, Any] | None = None,
+    head: bool = False,
 ) -> bytes:
-    """A whole JSON error response made by the proxy itself."""
+    """A whole JSON error response made by the proxy itself (without its body
+    when it answers a HEAD request)."""
     doc: dict[str, Any] = {"error": error, "detail": detail, "generation": generation}
     if fields:
         doc.update(fields)
     body = orjson.dumps(doc) + b"\n"
-    head = [
+    head_lines = [
         status_line(status),
         b"Content-Type: application/json\r\n",
         b"Content-Length: %d\r\n" % len(body),
         b"Cache-Control: no-store\r\n",
     ]
     if close:
-        head.append(b"Connection: close\r\n")
-    head.append(extra)
-    head.append(CRLF)
-    head.append(body)
-    return b"".join(head)
+        head_lines.append(b"Connection: close\r\n")
+    head_lines.append(extra)
+    head_lines.append(CRLF)
+    if not head:
+        head_lines.append(body)
+    return b"".join(head_lines)

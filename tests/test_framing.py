@@ -357,7 +357,7 @@ async def recording_pod(raw_pods: RawPods) -> RawPod:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             body = b""
-            if b"transfer-encoding: chunked" in head.lower():
+            if b"chunked\r\n" in head.lower():
                 while not body.endswith(b"\r\n0\r\n\r\n") and body != b"0\r\n\r\n":
                     body += await reader.read(65536)
             pod.requests.append(head + body)
@@ -386,13 +386,12 @@ async def test_request_transfer_encoding_is_forwarded_as_chunked(
 @pytest.mark.parametrize(
     "head",
     [
-        POST_A + b"Transfer-Encoding: gzip, chunked\r\n\r\n",
         POST_A + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"POST / HTTP/1.0\r\nHost: t\r\nX-Routing-Key: a\r\nTransfer-Encoding: chunked\r\n\r\n",
         POST_A + b"Transfer-Encoding: chunked, \r\n\r\n",
         POST_A + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: \r\n\r\n",
     ],
-    ids=["gzip-chunked", "chunked-twice", "http10-te", "chunked-comma", "chunked-then-empty"],
+    ids=["chunked-twice", "http10-te", "chunked-comma", "chunked-then-empty"],
 )
 async def test_ambiguous_transfer_encoding_is_400(raw_pods: RawPods, proxy_factory: ProxyFactory, head: bytes) -> None:
     pod = await recording_pod(raw_pods)
@@ -421,6 +420,104 @@ async def test_http_1_2_is_served_as_1_1_and_http_2_is_505(raw_pods: RawPods, pr
             await error_response(raw, 505, "version_not_supported")
             assert await raw.closed()
     assert len(pod.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "sent"),
+    [
+        (b"gzip, chunked", b"gzip, chunked"),
+        (b"GZIP,CHUNKED", b"gzip, chunked"),
+        (b"identity, chunked", b"chunked"),
+        (b"gzip\r\nTransfer-Encoding: chunked", b"gzip, chunked"),
+    ],
+)
+async def test_transfer_coding_lists_ending_in_chunked_are_normalized(
+    raw_pods: RawPods, proxy_factory: ProxyFactory, value: bytes, sent: bytes
+) -> None:
+    pod = await recording_pod(raw_pods)
+    px = await proxy_factory(table_for([pod]))
+    async with connect(px.port) as raw:
+        await raw.send(POST_A + b"Transfer-Encoding: %s\r\n\r\n5\r\nhello\r\n0\r\n\r\n" % value)
+        status, _, _ = await raw.response()
+    assert status == 200
+    (req,) = pod.requests
+    assert [line for line in header_lines(req) if line.lower().startswith(b"transfer-encoding")] == [
+        b"Transfer-Encoding: " + sent
+    ]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET / HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\nContent-Length: 5\r\n\r\nhello",
+        b"HEAD / HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\nContent-Length: 5\r\n\r\nhello",
+        b"GET / HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ],
+    ids=["get-cl", "head-cl", "get-te"],
+)
+async def test_get_or_head_with_a_body_is_refused_unless_allowed(
+    raw_pods: RawPods, proxy_factory: ProxyFactory, head: bytes
+) -> None:
+    pod = await recording_pod(raw_pods)
+    px = await proxy_factory(table_for([pod]))
+    async with connect(px.port) as raw:
+        await raw.send(head)
+        status, headers, _ = await raw.response(head=head.startswith(b"HEAD"))
+        assert status == 400 and headers["connection"] == "close"
+        assert await raw.closed()
+    assert pod.accepts == 0
+    px2 = await proxy_factory(table_for([pod]), proxy__get_body="forward")
+    async with connect(px2.port) as raw:
+        await raw.send(head)
+        status, _, _ = await raw.response(head=head.startswith(b"HEAD"))
+    assert status == 200 and len(pod.requests) == 1
+
+
+async def test_lookalike_framing_headers_are_dropped(raw_pods: RawPods, proxy_factory: ProxyFactory) -> None:
+    pod = await recording_pod(raw_pods)
+    px = await proxy_factory(table_for([pod]))
+    async with connect(px.port) as raw:
+        await raw.send(
+            POST_A + b"Content-Length: 5\r\nTransfer_Encoding: chunked\r\nContent__Length: 99\r\n"
+            b"Transfer---Encoding: chunked\r\nX_Keyroute_Epoch: 1\r\nMy_Header: kept\r\n\r\nhello"
+        )
+        status, _, _ = await raw.response()
+    assert status == 200
+    (req,) = pod.requests
+    names = [line.split(b":")[0] for line in header_lines(req)[1:]]
+    assert b"My_Header" in names
+    assert not [n for n in names if b"_" in n and n != b"My_Header"] and b"Transfer---Encoding" not in names
+
+
+async def test_upgrade_request_with_a_body_is_forwarded_without_the_upgrade(
+    raw_pods: RawPods, proxy_factory: ProxyFactory
+) -> None:
+    pod = await raw_pods(_answer_and_record)
+    px = await proxy_factory(table_for([pod]))
+    async with connect(px.port) as raw:
+        await raw.send(
+            b"POST /up HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+            b"Content-Length: 10\r\n\r\nhello"
+        )
+        await raw.send(b"world" + SMUGGLED)
+        status, headers, body = await raw.response()
+        assert (status, body) == (200, b"helloworld")
+        assert headers["connection"] == "close"
+        assert await raw.closed()
+    (req,) = pod.requests
+    assert req.endswith(b"\r\n\r\nhelloworld")
+    assert b"pgrade" not in req
+
+
+async def _answer_and_record(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer each request with its body; then record what follows until the proxy closes."""
+    req = await pod.read_request(reader)
+    body = req.split(b"\r\n\r\n", 1)[1]
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    await writer.drain()
+    rest = await read_to_eof(reader)
+    if rest:
+        pod.requests.append(rest)
 
 
 # -- 7. Via ---------------------------------------------------------------------------
@@ -557,3 +654,19 @@ def test_panic_is_cached_until_an_ejection_ends() -> None:
     assert h.pods == {} and h.in_panic is False
     h.failure("a", "late answer from an older table")
     assert h.pods == {}
+
+
+async def test_errors_made_by_the_proxy_for_head_have_no_body(pods: list[Pod], proxy_factory: ProxyFactory) -> None:
+    px = await proxy_factory(table_for(pods[:1]))
+    async with connect(px.port) as raw:
+        await raw.send(b"HEAD /h HTTP/1.1\r\nHost: t\r\n\r\n")  # no key: 400, connection kept
+        status, headers, _ = await raw.response(head=True)
+        assert status == 400 and int(headers["content-length"]) > 0
+        await raw.send(b"GET /g HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\n\r\n")
+        status, _, body = await raw.response()
+        assert status == 200 and json_body(body)["path"] == "/g"
+    async with connect(px.port) as raw:
+        await raw.send(b"HEAD /h HTTP/1.1\r\nHost: a\r\nHost: b\r\nX-Routing-Key: a\r\n\r\n")  # 400, then close
+        status, headers, _ = await raw.response(head=True)
+        assert status == 400 and headers["connection"] == "close"
+        assert await raw.reader.read() == b""

@@ -50,7 +50,11 @@ def check_rejected(obs: Observation) -> None:
         assert obs.response.status == v.status, obs.explain()
     else:
         assert 400 <= obs.response.status < 600, obs.explain()
-    error_doc(obs.response.headers, obs.response.body)
+    if v.request.startswith(b"HEAD "):
+        # A response to HEAD has no body (RFC 9110 §9.3.2), errors included.
+        assert obs.response.headers["content-type"] == "application/json", obs.explain()
+    else:
+        error_doc(obs.response.headers, obs.response.body)
 
 
 def check_passed(obs: Observation) -> None:
