@@ -559,8 +559,8 @@ class Exchange:
             rt.health.failure(self.pod.id, code)
         if self.retry_safe(after_send=True) and client.retry(self, code, (status, code, detail)):
             return
-        rt.stats.error(code)
         if self.resp_started:
+            rt.stats.error(code)  # send_error counts the others
             client.abort()
         else:
             client.send_error(self, status, code, detail)
@@ -1133,7 +1133,6 @@ class ClientProtocol(asyncio.Protocol):
         # Nothing was sent: any request may go to the next candidate.
         if ex.retry_safe(after_send=False) and self.retry(ex, code, (status, code, detail)):
             return
-        rt.stats.error(code)
         self.send_error(ex, status, code, detail)
 
     def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:

@@ -670,3 +670,11 @@ async def test_errors_made_by_the_proxy_for_head_have_no_body(pods: list[Pod], p
         status, headers, _ = await raw.response(head=True)
         assert status == 400 and headers["connection"] == "close"
         assert await raw.reader.read() == b""
+
+
+async def test_a_pod_error_is_counted_once(proxy_factory: ProxyFactory) -> None:
+    px = await proxy_factory(table_for([dead_pod("gone")]), upstream__retries=0)
+    async with connect(px.port) as raw:
+        await raw.send(b"GET / HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\n\r\n")
+        await error_response(raw, 502, "connect_failed")
+    assert px.runtime.stats.errors == {"connect_failed": 1}
