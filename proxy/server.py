@@ -316,7 +316,7 @@ class Runtime:
             "pool_idle_connections": sum(len(p.idle) for p in self.upstreams.pools.values()),
             "workers": 1,
             "pods_ejected": sum(1 for p in self.health.pods if self.health.ejected(p, self.loop.time())),
-            "panic": 1 if self.health.in_panic else 0,
+            "panic": 1 if self.health.panic_now(self.loop.time()) else 0,
             "ejections": self.health.ejections_total,
             "table_helper_calls": self.offload.calls,
             "table_helper_fallbacks": self.offload.fallbacks,
@@ -524,6 +524,7 @@ class Exchange:
             if reusable and self.req_done and not self.upgrade:
                 conn.release()
             else:
+                conn.exchange = None  # its close is not this exchange's failure
                 conn.discard()
         self.client.exchange_done(self)
 
@@ -566,7 +567,13 @@ class Exchange:
             client.send_error(self, status, code, detail)
 
     def upstream_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
-        self.client.start_tunnel(conn)
+        client = self.client
+        if self.pod is not None:
+            elapsed = client.loop.time() - self.started
+            client.runtime.stats.response(self.pod.id, 101, elapsed)
+            if client.runtime.access_log:
+                client.access(self, 101, elapsed, None)
+        client.start_tunnel(conn)
         if rest:
             self.client.write(rest)
 
@@ -593,6 +600,7 @@ class ClientProtocol(asyncio.Protocol):
         "head_bytes",
         "reject",
         "final_error",
+        "final_refusal",
         "dead",
         "closed",
         "peer",
@@ -629,6 +637,7 @@ class ClientProtocol(asyncio.Protocol):
         self.head_bytes = 0
         self.reject: tuple[int, str, str] | None = None
         self.final_error: bytes | None = None
+        self.final_refusal: tuple[Exchange | None, int, str] | None = None
         self.dead = False  # no more requests are parsed
         self.closed = False
         self.peer = b""
@@ -715,6 +724,9 @@ class ClientProtocol(asyncio.Protocol):
                 )
 
     def eof_received(self) -> bool | None:
+        if self.upgrading:
+            self.client_eof = True  # passed on if the pod switches protocols
+            return True
         if self.tunnel is not None:
             # Half-close: pass the client's EOF on; close once both sides are done.
             self.client_eof = True
@@ -810,6 +822,9 @@ class ClientProtocol(asyncio.Protocol):
                 self._reject(505, "version_not_supported", f"HTTP/{version} is not supported; use HTTP/1.1")
             ex.http11 = version != "1.0"  # HTTP/1.x with x > 1 is served as 1.1 (RFC 9110 §2.5)
         ex.keep_alive = parser.should_keep_alive()
+        if parser.should_upgrade():
+            # Whatever follows this request is not HTTP: its answer ends the connection.
+            ex.close_after = True
         if method == b"CONNECT":
             self._reject(405, "method_not_allowed", "CONNECT is not supported by a reverse proxy")
         key_name = rt.key_header
@@ -832,7 +847,9 @@ class ClientProtocol(asyncio.Protocol):
                 key = value
             tag = special.get(lname)
             if tag is None:
-                if lname.startswith(b"x-keyroute-") or ((b"_" in lname or b"--" in lname) and wire.lookalike(lname)):
+                if lname.startswith(b"x-keyroute-") or (
+                    (b"_" in lname or b"--" in lname) and wire.lookalike(lname, key_name)
+                ):
                     continue
                 out.append(name + b": " + value + b"\r\n")
                 continue
@@ -1182,6 +1199,9 @@ class ClientProtocol(asyncio.Protocol):
     def _begin_upgrade(self, rest: bytes) -> None:
         # The upgrade request is the last one parsed: queued, or being served.
         ex = self.queue[-1] if self.queue else self.exchange
+        if ex is not None and ex.error is not None:
+            self.dead = True  # refused by the proxy: nothing after it is read
+            return
         if ex is not None and ex.body_left:
             self.counting = ex
             self._count_body(rest)
@@ -1203,14 +1223,14 @@ class ClientProtocol(asyncio.Protocol):
             conn.writelines(self.held)
             self.held = []
             self.held_size = 0
+        if self.client_eof:
+            conn.write_eof()  # the client half-closed while waiting for the 101
         ex = self.exchange
         if ex is not None:
             ex.conn = None
         self.exchange = None
-        if self.paused_mask:
-            self.paused_mask = 0
-            if self.transport is not None:
-                self.transport.resume_reading()
+        # Only what the pod connection says now holds reading back.
+        self.resume_reading_for(_PAUSE_BUFFER | _PAUSE_PIPELINE)
 
     # -- finishing --------------------------------------------------------------
 
@@ -1223,7 +1243,7 @@ class ClientProtocol(asyncio.Protocol):
         if ex.close_after or not ex.keep_alive or (self.dead and not self.queue):
             if self.final_error is not None and not ex.close_after:
                 # A later pipelined request was refused: say so before closing.
-                self.write(self.final_error)
+                self._write_final_error()
             self.close()
             return
         self.exchange = None
@@ -1246,7 +1266,7 @@ class ClientProtocol(asyncio.Protocol):
                 self._dispatch(nxt)
             return
         if self.final_error is not None:
-            self.write(self.final_error)
+            self._write_final_error()
             self.close()
             return
         self.resume_reading_for(_PAUSE_PIPELINE)
@@ -1344,7 +1364,7 @@ class ClientProtocol(asyncio.Protocol):
         self.pause_reading_for(_PAUSE_PIPELINE)
         rt = self.runtime
         ex = self.exchange
-        bad = self.parsing or ex
+        bad = self.parsing  # the request being read, if the fault is in one
         body = wire.error_response(
             status,
             code,
@@ -1354,27 +1374,40 @@ class ClientProtocol(asyncio.Protocol):
             head=bad is not None and bad.method == b"HEAD",
         )
         rt.stats.error(code)
-        if ex is None or bad is not ex or not ex.resp_started:
-            # A response is sent for the refused request (now, or after the
-            # one being answered): count it like any other.
-            elapsed = self.loop.time() - bad.started if bad is not None and bad.started else 0.0
-            rt.stats.response("-", status, elapsed)
-            if rt.access_log:
-                self.access(bad, status, elapsed, code)
-        if ex is None or (ex is self.parsing and not ex.resp_started) or (not ex.head_done):
+        if ex is None or (not ex.resp_started and (ex is bad or not ex.req_done)):
+            # Nothing was answered on this exchange yet: answer it, and drop
+            # the pod side (a request it will never see the end of).
             if ex is not None and ex.conn is not None:
                 ex.conn.exchange = None
                 ex.conn.discard()
                 ex.conn = None
+            self._count_refusal(ex or bad, status, code)
             self.write(body)
             self.close()
-        elif ex is self.parsing:
+        elif ex is bad or not ex.req_done:
             # Its response has begun: the only honest signal left is a reset.
             self.abort()
         else:
             # An earlier request is still being answered: answer it first.
             self.queue.clear()
             self.final_error = body
+            self.final_refusal = (bad, status, code)
+
+    def _count_refusal(self, ex: Exchange | None, status: int, code: str) -> None:
+        """A response the proxy made for a request it refused: counted (and
+        logged) like any other response."""
+        rt = self.runtime
+        elapsed = self.loop.time() - ex.started if ex is not None and ex.started else 0.0
+        rt.stats.response("-", status, elapsed)
+        if rt.access_log:
+            self.access(ex, status, elapsed, code)
+
+    def _write_final_error(self) -> None:
+        assert self.final_error is not None
+        self.write(self.final_error)
+        if self.final_refusal is not None:
+            self._count_refusal(*self.final_refusal)
+            self.final_refusal = None
 
     # -- plumbing -----------------------------------------------------------------
 

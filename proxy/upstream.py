@@ -127,6 +127,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.in_body = False
         if not reusable:
+            self.exchange = None
             self.discard()
         ex.upstream_done(self, reusable=reusable)
 

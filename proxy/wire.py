@@ -132,11 +132,14 @@ _CONTROLLED = HOP_BY_HOP | {
 }
 
 
-def lookalike(lname: bytes) -> bool:
-    """``Transfer_Encoding``, ``Content--Length``: a lower-case header name
-    with ``_`` or repeated ``-`` that folds onto a header the proxy controls."""
+def lookalike(lname: bytes, key_name: bytes) -> bool:
+    """``Transfer_Encoding``, ``X_Routing_Key``: a lower-case header name with
+    ``_`` or repeated ``-`` that folds onto a header the proxy controls or the
+    routing key's (but is not that header itself)."""
+    if lname == key_name:
+        return False
     folded = _LOOKALIKE.sub(b"-", lname)
-    return folded in _CONTROLLED or folded.startswith(b"x-keyroute-")
+    return folded in _CONTROLLED or folded.startswith(b"x-keyroute-") or folded == _LOOKALIKE.sub(b"-", key_name)
 
 
 def via_names(via: bytes, token: bytes) -> bool:

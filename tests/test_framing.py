@@ -678,3 +678,131 @@ async def test_a_pod_error_is_counted_once(proxy_factory: ProxyFactory) -> None:
         await raw.send(b"GET / HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\n\r\n")
         await error_response(raw, 502, "connect_failed")
     assert px.runtime.stats.errors == {"connect_failed": 1}
+
+
+# -- found in review ---------------------------------------------------------------
+
+
+async def test_upgrade_request_whose_body_stalls_gets_408(raw_pods: RawPods, proxy_factory: ProxyFactory) -> None:
+    closed = asyncio.Event()
+
+    async def wait_body(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await read_to_eof(reader)
+        closed.set()  # the proxy let go of the pod connection
+
+    pod = await raw_pods(wait_body)
+    px = await proxy_factory(table_for([pod]), proxy__body_timeout="300ms")
+    async with connect(px.port) as raw:
+        await raw.send(POST_A + b"Connection: Upgrade\r\nUpgrade: foo\r\nContent-Length: 10\r\n\r\nhello")
+        await error_response(raw, 408, "body_timeout")
+        assert await raw.closed()
+    await asyncio.wait_for(closed.wait(), 5)
+
+
+async def test_upgrade_request_refused_by_the_proxy_gets_one_response(
+    pods: list[Pod], proxy_factory: ProxyFactory
+) -> None:
+    px = await proxy_factory(table_for(pods[:1]))
+    async with connect(px.port) as raw:
+        await raw.send(b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n" + SMUGGLED)
+        headers, _ = await error_response(raw, 400, "missing_key")
+        assert headers["connection"] == "close"
+        assert await raw.reader.read() == b""
+    assert pods[0].requests == []
+
+
+async def test_refused_upgrade_is_not_a_pod_failure(raw_pods: RawPods, proxy_factory: ProxyFactory) -> None:
+    async def refuse(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await pod.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_to_eof(reader)
+
+    pod = await raw_pods(refuse)
+    px = await proxy_factory(table_for([pod]))
+    async with connect(px.port) as raw:
+        await raw.send(UPGRADE)
+        status, _, body = await raw.response()
+        assert (status, body) == (200, b"ok")
+        assert await raw.closed()
+    await wait_for(lambda: not px.runtime.connections, what="the client connection to close")
+    assert px.runtime.health.pods == {}
+    assert "pod_closed" not in px.runtime.stats.errors
+
+
+async def test_client_half_close_before_101_reaches_the_pod(raw_pods: RawPods, proxy_factory: ProxyFactory) -> None:
+    async def accept(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await pod.read_request(reader)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        got = await read_to_eof(reader)  # ends only if the client's EOF is passed on
+        writer.write(b"got:" + got)
+        await writer.drain()
+
+    pod = await raw_pods(accept)
+    px = await proxy_factory(table_for([pod]))
+    async with connect(px.port) as raw:
+        await raw.send(UPGRADE + b"hello")
+        raw.writer.write_eof()
+        status, _, _ = await raw.response(head=True)
+        assert status == 101
+        assert await asyncio.wait_for(raw.reader.read(), 5) == b"got:hello"
+    assert px.runtime.stats.by_pod[pod.id][0] == 1  # the 101 is counted
+
+
+async def test_lookalike_key_header_is_dropped(pods: list[Pod], proxy_factory: ProxyFactory) -> None:
+    px = await proxy_factory(table_for(pods[:1]))
+    async with connect(px.port) as raw:
+        await raw.send(b"GET / HTTP/1.1\r\nHost: t\r\nX-Routing-Key: alice\r\nX_Routing_Key: mallory\r\n\r\n")
+        status, _, body = await raw.response()
+    assert status == 200
+    names = [k.lower() for k, _ in json_body(body)["headers"]]
+    assert "x-routing-key" in names and "x_routing_key" not in names
+
+
+async def test_tunnel_keeps_back_pressure(proxy_factory: ProxyFactory) -> None:
+    loop = asyncio.get_running_loop()
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited: the pod takes little
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+
+    async def pod() -> socket.socket:
+        conn, _ = await loop.sock_accept(listener)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await loop.sock_recv(conn, 65536)
+        # The 101, then nothing more is read.
+        await loop.sock_sendall(conn, b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+        return conn
+
+    px = await proxy_factory(table_for([("p", f"http://127.0.0.1:{port}")]))
+    pod_task = asyncio.create_task(pod())
+    client = socket.socket()
+    client.connect(("127.0.0.1", px.port))
+    client.setblocking(False)
+    # The request and, in the same burst, more bytes than the proxy holds before a 101.
+    sender = asyncio.create_task(loop.sock_sendall(client, UPGRADE + b"x" * (16 << 20)))
+    try:
+        pod_conn = await asyncio.wait_for(pod_task, 10)
+        proto = None
+
+        def tunnel_blocked() -> bool:
+            nonlocal proto
+            proto = next(iter(px.runtime.connections), None)
+            return proto is not None and proto.tunnel is not None and proto.tunnel.write_blocked
+
+        await wait_for(tunnel_blocked, timeout=10, what="the pod side to stop taking bytes")
+        assert proto is not None and proto.tunnel is not None and proto.tunnel.transport is not None
+        # Reading the client stays paused while the pod takes nothing: the
+        # proxy's buffer for the pod stays near its high-water mark.
+        assert proto.paused_mask != 0
+        assert proto.tunnel.transport.get_write_buffer_size() < 4 << 20
+        assert not sender.done()
+        pod_conn.close()
+    finally:
+        sender.cancel()
+        client.close()
+        listener.close()
