@@ -2,21 +2,30 @@
 
 ``GET /-/healthz``, ``/-/readyz``, ``/-/assignment``, ``/-/lookup?key=K`` and
 ``/metrics``. ``PUT /-/assignment`` replaces the table and needs the
-configured bearer token; with no token it is refused (405).
+configured bearer token; with no token it is refused (405). With
+``--workers N`` a push reaches one worker, which shares it with the others
+through the supervisor's folder (see ``proxy.workers``) before applying it;
+each worker follows that folder.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import ipaddress
 import logging
+import os
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from . import assignment as core
+from . import workers
+from .reload import follow
 from .server import Runtime
+from .sources import judge
 from .sources.http import read_body
 
 log = logging.getLogger("keyroute.admin")
@@ -142,6 +151,19 @@ async def put_assignment(request: web.Request) -> web.Response:
     except core.AssignmentError as exc:
         rt.note_reload("invalid", str(exc))
         return _error(400, "invalid_table", str(exc), rt)
+    pushes = request.app.get(PUSHES)
+    if pushes is not None and judge(rt.table.assignment if rt.table else None, table) is None:
+        # Shared before it is applied here, so that no worker serves a table
+        # the others will never get.
+        try:
+            refused = await asyncio.to_thread(workers.share, pushes.folder, data, table.generation)
+        except OSError as exc:
+            detail = f"cannot share the table with the other workers in {pushes.folder}: {exc}; nothing was applied"
+            log.error("%s", detail)
+            return _error(500, "not_shared", detail, rt)
+        if refused:
+            rt.note_reload("stale" if refused.startswith("stale") else "conflict", refused)
+            return _error(409, "refused", refused, rt)
     verdict = rt.offer(table)
     if verdict:
         return _error(409, "refused", verdict, rt)
@@ -154,10 +176,36 @@ async def metrics(request: web.Request) -> web.Response:
     )
 
 
+class Pushes:
+    """With several workers and pushes allowed: the supervisor's folder of
+    pushed tables, and the task that applies what other workers were pushed."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, rt: Runtime) -> None:
+        in_force = rt.table.generation if rt.table is not None else None
+        self.task = follow(rt, workers.PushedSource(self.folder, rt.offload, in_force))
+
+    async def stop(self, app: web.Application) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+PUSHES = web.AppKey("pushes", Pushes)
+
+
 def make_app(rt: Runtime) -> web.Application:
     app = web.Application(client_max_size=MAX_PUT_BYTES)
     app[RENDERED] = Rendered()
     app[RUNTIME] = rt
+    push_dir = os.environ.get(workers.PUSH_DIR_ENV)
+    if push_dir and rt.settings.admin.token:
+        app[PUSHES] = pushes = Pushes(push_dir)
+        app.on_cleanup.append(pushes.stop)
     app.router.add_get("/-/healthz", healthz)
     app.router.add_get("/-/readyz", readyz)
     app.router.add_get("/-/assignment", get_assignment)
@@ -180,4 +228,9 @@ async def start(rt: Runtime, host: str, port: int, *, reuse_port: bool = False) 
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port)
     await site.start()
+    pushes = runner.app.get(PUSHES)
+    if pushes is not None:
+        # Started last: its first step runs once the worker serves, on the
+        # table it started with (a restarted worker starts on the newest).
+        pushes.start(rt)
     return runner

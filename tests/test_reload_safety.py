@@ -9,7 +9,12 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +28,7 @@ from proxy.sources import Failure
 from proxy.sources.file import FileSource
 from proxy.sources.http import LONG_POLL_HEADER, HttpSource
 
-from .conftest import Pod, ProxyFactory, parse_metrics, table_for
+from .conftest import EchoPods, Pod, ProxyFactory, connect, free_port, parse_metrics, table_for
 
 BOUND = 10.0  # generous bound for anything to happen
 
@@ -272,3 +277,171 @@ async def test_long_poll_answered_at_once_waits_poll_interval(mode: str) -> None
     # Long-polled throughout, and never for less than what is in force.
     assert server.queries[0] == {}
     assert all(q.get("after") == "2" for q in server.queries[1:requests]), server.queries
+
+
+# -- 16: with --workers N, a pushed table reaches every worker ------------------------
+
+TOKEN = "s3cret"
+SERVING = re.compile(r"pid (\d+) serving on \S+, admin port \S+, generation (\d+)")
+
+
+class Supervised:
+    """``keyroute run --workers 2`` as a real process; its log lines are
+    collected by a thread as they come."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, admin_port: int) -> None:
+        self.proc = proc
+        self.port = port
+        self.admin_port = admin_port
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            self.lines.append(raw.decode(errors="replace"))
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    async def serving(self, count: int) -> dict[int, int]:
+        """Wait for ``count`` "serving" lines in all; {pid: generation} of all so far."""
+
+        async def enough() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"keyroute exited: {self.log()}")
+            return len(SERVING.findall(self.log())) >= count
+
+        await wait_until(enough, f"{count} workers serving")
+        return {int(pid): int(gen) for pid, gen in SERVING.findall(self.log())}
+
+
+@contextlib.contextmanager
+def supervised(table: Path, workers: int = 2) -> Iterator[Supervised]:
+    port, admin_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "proxy", "run", "--listen", f"127.0.0.1:{port}"]
+    cmd += ["--admin", f"127.0.0.1:{admin_port}", "--assignment", f"file:{table}", "--workers", str(workers)]
+    env = {**os.environ, "KEYROUTE_ADMIN_TOKEN": TOKEN}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    sup = Supervised(proc, port, admin_port)
+    try:
+        yield sup
+    finally:
+        # SIGTERM first: the supervisor stops its workers. Then make sure: a
+        # worker left behind would hold the log pipe (and the port) open.
+        if proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        for pid in [proc.pid, *(int(p) for p, _ in SERVING.findall(sup.log()))]:
+            with contextlib.suppress(OSError):  # gone (the pid not reused by another program)
+                if b"proxy" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
+        proc.wait(10)
+        sup.reader.join(10)
+        if proc.stderr is not None and not sup.reader.is_alive():
+            proc.stderr.close()
+
+
+def socket_owner(local_port: int, peer_port: int, pids: list[int]) -> int | None:
+    """Which of ``pids`` holds the TCP socket 127.0.0.1:local_port <->
+    127.0.0.1:peer_port (/proc/net/tcp gives its inode, /proc/PID/fd who has it)."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == local_port and int(remote.split(":")[1], 16) == peer_port:
+            inode = fields[9]
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) == target:
+                        return pid
+    return None
+
+
+async def ask(sup: Supervised, key: str, pids: list[int]) -> tuple[int | None, int, str]:
+    """One request on a new connection: (worker pid that served it, generation, pod)."""
+    async with connect(sup.port) as raw:
+        await raw.send(f"GET /x HTTP/1.1\r\nHost: t\r\nX-Routing-Key: {key}\r\n\r\n".encode())
+        status, headers, _ = await raw.response()
+        assert status == 200
+        client_port = raw.writer.get_extra_info("sockname")[1]
+        owner = await asyncio.to_thread(socket_owner, sup.port, client_port, pids)
+        return owner, int(headers["x-keyroute-generation"]), headers["x-keyroute-pod"]
+
+
+async def every_worker_serves(sup: Supervised, pids: list[int], generation: int, pod: str) -> None:
+    """Wait until each worker in ``pids`` has served ``generation``; then many
+    new connections, landing on every worker, all route by it."""
+    seen: set[int] = set()
+    n = 0
+
+    async def all_seen() -> bool:
+        nonlocal n
+        n += 1
+        owner, gen, _ = await ask(sup, f"probe-{n}", pids)
+        if gen == generation and owner is not None:
+            seen.add(owner)
+        return seen == set(pids)
+
+    await wait_until(all_seen, f"workers {pids} serving generation {generation}")
+    landed: set[int | None] = set()
+    for i in range(40):
+        owner, gen, got = await ask(sup, f"user-{i}", pids)
+        assert (gen, got) == (generation, pod), (owner, gen, got)
+        landed.add(owner)
+    assert landed == set(pids)
+
+
+async def test_workers_all_apply_a_push_and_restart_on_the_newest_table(tmp_path: Path, echo_pods: EchoPods) -> None:
+    a, b = await echo_pods("pod-a"), await echo_pods("pod-b")
+    path = tmp_path / "assignment.json"
+    write_atomic(path, table_for([a], 5).dumps())  # every key on pod-a
+    with supervised(path) as sup:
+        workers = await sup.serving(2)
+        assert set(workers.values()) == {5}
+        pids = list(workers)
+
+        # A push reaches one worker (SO_REUSEPORT picks it); all apply it.
+        async with aiohttp.ClientSession() as s:
+            url = f"http://127.0.0.1:{sup.admin_port}/-/assignment"
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            async with s.put(url, data=table_for([b], 6).dumps(), headers=auth) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["generation"] == 6
+            # Pushed again (to whichever worker): the same table is no news;
+            # an older one is refused, whichever worker it reaches.
+            for _ in range(4):
+                async with s.put(url, data=table_for([b], 6).dumps(), headers=auth) as r:
+                    assert r.status == 200, await r.text()
+                async with s.put(url, data=table_for([a], 4).dumps(), headers=auth) as r:
+                    assert r.status == 409 and "stale" in (await r.json())["detail"]
+        await every_worker_serves(sup, pids, 6, "pod-b")
+
+        # A worker killed comes back on the pushed table, not the one the
+        # supervisor read at startup.
+        os.kill(pids[0], signal.SIGKILL)
+        workers = await sup.serving(3)
+        (new,) = set(workers) - set(pids)
+        assert workers[new] == 6, sup.log()
+        old, pids = set(workers), [pids[1], new]
+        await every_worker_serves(sup, pids, 6, "pod-b")
+
+        # A reload of the table file, then a restart: back on the reloaded one.
+        write_atomic(path, table_for([a], 7).dumps())
+        await every_worker_serves(sup, pids, 7, "pod-a")
+        os.kill(pids[1], signal.SIGKILL)
+        workers = await sup.serving(4)
+        (new,) = set(workers) - old
+        assert workers[new] == 7, sup.log()
+        pids = [pids[0], new]
+        await every_worker_serves(sup, pids, 7, "pod-a")
+
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(sup.proc.wait, 15) == 0
