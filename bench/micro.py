@@ -12,7 +12,7 @@ Measures, on one core, in this process:
 Run from the repo root::
 
     python bench/micro.py                 # 100k slices
-    python bench/micro.py --slices 1000000
+    python bench/micro.py --slices 250000     # up to MAX_SLICES (262,144)
 
 Targets: under 1 µs per lookup, under 300 ms to parse + validate 100k slices.
 """

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy import assignment as core
+from proxy.offload import Offload
 from proxy.reload import follow
 from proxy.sources import Failure, judge, verdict_kind
 from proxy.sources import file as file_source
@@ -172,6 +173,41 @@ def test_gen_from_never_makes_an_epoch_regression(case: tuple[core.Assignment, d
     new = core.evolve(old, pods, old.generation + 1, rebalance=rebalance)
     assert core.epoch_regression(old, new) is None
     assert judge(old, new) is None
+
+
+async def test_big_tables_are_checked_against_the_baseline_in_the_helper(
+    pods: list[Pod], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The helper process compares a big table with the table in force as it
+    parses it; ``judge`` on the event loop then takes its verdict."""
+    ids = [p.id for p in pods]
+    rows = [(s, ids[i % 3], 10) for i, s in enumerate(core.slice_starts(800))]
+    old = table_of(10, rows, pods_doc(pods))
+    bad = list(rows)
+    bad[123] = (bad[123][0], ids[(123 + 1) % 3], 10)  # another owner, same epoch
+    good = [(s, o, e) for s, o, e in rows]
+    good[123] = (good[123][0], ids[(123 + 1) % 3], 11)
+    offload = Offload()
+    try:
+        offload.baseline = await offload.parse(orjson.dumps(doc_of(10, rows, pods_doc(pods))))
+        assert offload.calls == 1
+        refused = await offload.parse(orjson.dumps(doc_of(11, bad, pods_doc(pods))))
+        applied = await offload.parse(orjson.dumps(doc_of(11, good, pods_doc(pods))))
+        assert offload.calls == 3 and offload.fallbacks == 0
+
+        def not_here(old: core.Assignment, new: core.Assignment) -> str | None:
+            raise AssertionError("epoch_regression computed in the proxy's process")
+
+        monkeypatch.setattr(core, "_epoch_regression", not_here)
+        verdict = judge(offload.baseline, refused)
+        assert verdict is not None and verdict.startswith(f"epoch regression: slices[123] (0x{rows[123][0]:016x})")
+        assert judge(offload.baseline, applied) is None
+        # Against another table than the one it was checked against: checked
+        # again (here, in this process).
+        with pytest.raises(AssertionError, match="in the proxy's process"):
+            judge(old, refused)
+    finally:
+        offload.close()
 
 
 # -- 12. bounds: pure core -----------------------------------------------------------
