@@ -54,7 +54,8 @@ def _describe(table: core.Assignment, out: TextIO) -> None:
 
 def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     if args.config:
-        settings = load_settings(args.config, env={})
+        # The environment too, as `run` reads it: a bad KEYROUTE_* variable fails here, not at startup.
+        settings = load_settings(args.config)
         print(f"config {args.config}: ok", file=out)
         src = settings.assignment.source
         if args.file is None and src.startswith("file:"):
@@ -228,8 +229,18 @@ def cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     return demo.main(args.listen, args.admin, out)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("keyroute")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="keyroute", description="Key-affinity HTTP routing proxy.")
+    p.add_argument("--version", action="version", version=f"keyroute {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("check", help="validate a table (or a config with --config)")
@@ -267,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_serve_table)
 
     d = sub.add_parser("demo", help="three local pods, a table and the proxy, on loopback")
-    d.add_argument("--listen", default="127.0.0.1:8080", help="proxy address (default 127.0.0.1:8080)")
-    d.add_argument("--admin", default="127.0.0.1:9901", help="admin address (default 127.0.0.1:9901)")
+    d.add_argument("--listen", help="proxy address (default 127.0.0.1:8080, or KEYROUTE_PROXY_LISTEN)")
+    d.add_argument("--admin", help="admin address (default 127.0.0.1:9901, or KEYROUTE_ADMIN_LISTEN)")
     d.set_defaults(func=cmd_demo)
     return p
 
