@@ -25,7 +25,7 @@ from . import assignment as core
 from . import workers
 from .reload import follow
 from .server import Runtime
-from .sources import judge
+from .sources import judge, verdict_kind
 from .sources.http import read_body
 
 log = logging.getLogger("keyroute.admin")
@@ -162,7 +162,7 @@ async def put_assignment(request: web.Request) -> web.Response:
             log.error("%s", detail)
             return _error(500, "not_shared", detail, rt)
         if refused:
-            rt.note_reload("stale" if refused.startswith("stale") else "conflict", refused)
+            rt.note_reload(verdict_kind(refused), refused)
             return _error(409, "refused", refused, rt)
     verdict = rt.offer(table)
     if verdict:

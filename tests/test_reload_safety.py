@@ -27,10 +27,12 @@ from proxy.reload import follow, restart_delay
 from proxy.sources import Failure
 from proxy.sources.file import FileSource
 from proxy.sources.http import LONG_POLL_HEADER, HttpSource
+from proxy.workers import pushed_generation, pushed_path, share
 
 from .conftest import EchoPods, Pod, ProxyFactory, connect, free_port, parse_metrics, table_for
 
 BOUND = 10.0  # generous bound for anything to happen
+PODS_AB = [("pod-a", "http://127.0.0.1:1"), ("pod-b", "http://127.0.0.1:2")]
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -445,3 +447,20 @@ async def test_workers_all_apply_a_push_and_restart_on_the_newest_table(tmp_path
 
         sup.proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(sup.proc.wait, 15) == 0
+
+
+def test_shared_push_only_moves_to_a_higher_generation(tmp_path: Path) -> None:
+    # What two workers pushed at once would meet: the shared file, swapped under its lock.
+    folder = str(tmp_path)
+    six, other_six = table_for(PODS_AB, 6).dumps(), table_for(PODS_AB[:1], 6).dumps()
+    assert pushed_generation(folder) is None
+    assert share(folder, six, 6) is None
+    assert pushed_generation(folder) == 6 and Path(pushed_path(folder)).read_bytes() == six
+    assert share(folder, six, 6) is None  # the same push again (to another worker)
+    assert (share(folder, other_six, 6) or "").startswith("conflicting table: generation 6")
+    assert (share(folder, table_for(PODS_AB, 5).dumps(), 5) or "").startswith("stale table: generation 5 is below 6")
+    seven = table_for(PODS_AB, 7).dumps()
+    assert share(folder, seven, 7) is None
+    assert Path(pushed_path(folder)).read_bytes() == seven
+    # The old table is gone; only the link, its target and the lock remain.
+    assert sorted(os.listdir(folder)) == ["assignment.json", "lock", "table-7.json"]
