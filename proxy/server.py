@@ -225,7 +225,9 @@ class Runtime:
         self.shared = Shared(folder) if folder else None
         self.collector = RuntimeCollector(self.stats, self.gauges, self.shared)
         self.table_loaded_at: float | None = None  # Unix time
-        self.last_reload_error: str | None = None
+        # The last refused or failed reload: what, when, and whether a later
+        # table has applied since ("resolved").
+        self.last_reload_error: dict[str, Any] | None = None
         self.admin_port: int | None = None
         # Parses big tables in a helper process (sources, admin PUT) and
         # compares them for the reload log.
@@ -293,8 +295,19 @@ class Runtime:
 
     def note_reload(self, result: str, error: str | None) -> None:
         self.stats.reload(result)
+        last = self.last_reload_error
+        if result == "applied" and last is not None and not last["resolved"]:
+            last["resolved"] = True
+            last["resolved_at"] = time.time()
+            last["resolved_by_generation"] = self.table.generation if self.table else None
         if error is not None:
-            self.last_reload_error = error
+            self.last_reload_error = {
+                "result": result,
+                "error": error,
+                "at": time.time(),
+                "generation_in_force": self.table.generation if self.table else None,
+                "resolved": False,
+            }
             log.warning(
                 "%s",
                 orjson.dumps(

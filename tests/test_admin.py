@@ -61,9 +61,15 @@ async def test_put_needs_token_and_refuses_bad_tables(proxy_factory: ProxyFactor
             assert r.status == 409 and "stale" in (await r.json())["detail"]
         assert px.runtime.table is not None and px.runtime.table.generation == 7
         async with s.get(url) as r:
-            assert "stale" in (await r.json())["last_error"]
+            last = (await r.json())["last_error"]
+            assert "stale" in last["error"] and last["result"] == "stale" and last["resolved"] is False
+            assert isinstance(last["at"], float) and last["generation_in_force"] == 7
         async with s.put(url, data=table_for(pods, 99).dumps(), headers=good) as r:
             assert r.status == 200 and (await r.json())["generation"] == 99
+        async with s.get(url) as r:
+            last = (await r.json())["last_error"]
+            # Still shown, with its time, but marked as resolved by the table now in force.
+            assert "stale" in last["error"] and last["resolved"] is True and last["resolved_by_generation"] == 99
         # Traffic now runs on generation 99.
         async with s.get(px.base + "/", headers={"X-Routing-Key": "k"}) as r:
             assert r.headers["X-Keyroute-Generation"] == "99"

@@ -129,7 +129,7 @@ async def test_a_failing_source_is_logged_counted_and_restarted(
             samples = await metrics(s, px.admin)
             assert reloads(samples, "error") == 1 and reloads(samples, "applied") == 1
             async with s.get(px.admin + "/-/assignment") as r:
-                assert "injected: the table source broke" in (await r.json())["last_error"]
+                assert "injected: the table source broke" in (await r.json())["last_error"]["error"]
         failed = [r for r in caplog.records if r.name == "keyroute.reload" and r.levelno == logging.ERROR]
         assert len(failed) == 1 and failed[0].exc_info is not None
         assert f"table source {source.name} failed" in failed[0].getMessage()
@@ -181,7 +181,7 @@ async def test_a_source_that_keeps_failing_is_restarted_with_backoff(
             assert reloads(samples, "error") >= 4
             assert px.runtime.table is not None and px.runtime.table.generation == 5
             async with s.get(px.admin + "/-/assignment") as r:
-                last = (await r.json())["last_error"]
+                last = (await r.json())["last_error"]["error"]
                 assert last.startswith("broken:: ") and "restarting it in" in last
         assert not watcher.done()
     finally:
