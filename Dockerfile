@@ -1,8 +1,16 @@
 # keyroute container image.
 #
 #   docker build -t keyroute:0.1.0 .
-#   docker run --rm -p 8080:8080 -p 9901:9901 \
+#   docker run --rm --stop-timeout 30 -p 8080:8080 -p 127.0.0.1:9901:9901 \
 #       -v "$PWD/table:/etc/keyroute/table:ro" keyroute:0.1.0
+#
+# The admin port is published on the host's loopback only: without a token it
+# is read-only, but it shows the table and the pods' addresses. On SIGTERM
+# keyroute drains in-flight requests for up to proxy.shutdown_timeout (20 s in
+# this image); `docker stop` sends SIGKILL after 10 s unless told otherwise, so
+# give the container a longer stop timeout (--stop-timeout above, `docker stop
+# -t 30`, or stop_grace_period in Compose), or lower the drain with
+# KEYROUTE_PROXY_SHUTDOWN_TIMEOUT.
 #
 # The table is read from /etc/keyroute/table/assignment.json: mount the folder
 # that holds it (it is watched, so editing or replacing the file takes effect
@@ -16,16 +24,25 @@ ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 # ---- build: the keyroute wheel, installed with its dependencies into a venv.
 # Every dependency ships binary wheels for this base, so no compiler is needed
 # here either; the final image gets the venv and nothing else from this stage.
+# constraints.txt pins the build backend and every dependency to an exact
+# version (PIP_CONSTRAINT applies it to each pip call here), so a rebuild
+# installs the same versions; the backend is installed first and the wheel
+# built without isolation, so its version is the pinned one too.
 # The second RUN imports every module of the source tree from the venv (so a
 # module left out of the wheel fails the build, not the first request) and
 # runs the command once.
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1
+    PIP_NO_CACHE_DIR=1 \
+    PIP_ROOT_USER_ACTION=ignore \
+    PIP_CONSTRAINT=/src/constraints.txt
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY proxy/ proxy/
-RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
+# setuptools' version comes from constraints.txt (PIP_CONSTRAINT), hence no pin here.
+# hadolint ignore=DL3013
+RUN python -m pip install --no-deps setuptools \
+    && python -m pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
     && python -m venv /opt/keyroute \
     && /opt/keyroute/bin/pip install /wheels/keyroute-*.whl \
     && /opt/keyroute/bin/pip uninstall --yes pip
