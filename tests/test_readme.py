@@ -356,3 +356,24 @@ def test_image_dependencies_are_pinned() -> None:
 
 def canon(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+# -- the speed figures README quotes ------------------------------------------------------
+
+
+def test_readme_speed_figures_are_the_latest_data_plane_run() -> None:
+    """Every figure in README's comparison with nginx is in the newest
+    data-plane run recorded in bench/RESULTS.md (not invented, not stale)."""
+    results = "\n" + (ROOT / "bench" / "RESULTS.md").read_text()
+    plane = results.split("\n## Data plane", 1)[1].split("\n## ", 1)[0]
+    runs = re.split(r"\n### ", plane)
+    latest = runs[-1]
+    readme = README.read_text()
+    section = readme.split("\n## keyroute or nginx", 1)[1].split("\n## ", 1)[0]
+    commit = re.search(r"re-run at\s+([0-9a-f]{7,})", section)
+    assert commit is not None and latest.startswith(f"Re-run at {commit[1]}"), (commit, latest[:80])
+    # Measured figures: decimals and thousands (not versions such as HTTP/1.1).
+    figures = re.findall(r"(?<![/\w.,])(?:\d[\d,]*\.\d+|\d{1,3}(?:,\d{3})+)", section)
+    assert len(figures) >= 10, figures
+    missing = [f for f in figures if f not in latest]
+    assert not missing, f"README figures not in bench/RESULTS.md's latest data-plane run: {missing}"
