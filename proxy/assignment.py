@@ -21,6 +21,13 @@ afterwards by ``lookup``):
   ``MAX_GENERATED`` slices x pods for a generated table, from at most
   ``MAX_TABLE_BYTES`` of JSON in which no object lists a key twice.
 
+A table is written in one of three forms, all parsed into the same columns:
+explicit (``slices``: one object per slice), compact (``owners``: per pod,
+the numbers of the slices it owns, over ``slice_count`` equal slices adjusted
+by ``splits``/``merges``; epochs and backups grouped alike; see
+``_from_compact``) or pods-only (generated). The explicit and compact forms of
+one table parse to equal ``Assignment``s and ``dumps`` writes either.
+
 Between two tables in force one after the other (``epoch_regression``): the
 epoch of every position never goes down, and goes up wherever the owner
 changes. Epochs are fencing tokens: a lower one would let a deposed owner
@@ -72,7 +79,17 @@ GENERATED_BACKUPS = 3
 # Pod ids travel in headers and metrics labels: keep them to a safe alphabet.
 POD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,252}")
 _HOST_RE = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}))")
-_TOP_FIELDS = frozenset({"version", "generation", "pods", "slices", "slice_count"})
+# Fields of the compact form (``owners`` marks it; see ``_from_compact``).
+_COMPACT_FIELDS = frozenset({"owners", "epoch", "epochs", "backups", "splits", "merges"})
+_TOP_FIELDS = frozenset({"version", "generation", "pods", "slices", "slice_count"}) | _COMPACT_FIELDS
+# ``"backups": "rendezvous"`` in the compact form: every slice's backups are
+# derived from the pods, as in generated tables and ``evolve``.
+RENDEZVOUS = "rendezvous"
+# A compact form's list of slice numbers: "0-3,7,9-12" (ascending or not).
+_RANGES_RE = re.compile(r"[0-9]{1,7}(?:-[0-9]{1,7})?(?:,[0-9]{1,7}(?:-[0-9]{1,7})?)*")
+_RANGE_RE = re.compile(r"[0-9]{1,7}(?:-[0-9]{1,7})?")
+# An epoch as a key of ``epochs``: a decimal integer, no sign or leading zero.
+_EPOCH_KEY_RE = re.compile(r"[1-9][0-9]{0,19}")
 _POD_FIELDS = frozenset({"url", "weight", "state"})
 _SLICE_FIELDS = frozenset({"start", "pod", "epoch", "backups"})
 _MISSING: Any = object()
@@ -164,12 +181,16 @@ class Assignment:
     arrays, cheap to pickle from the helper process that parses big tables
     (``proxy.offload``) and invisible to the garbage collector. ``lookup``
     builds the ``Route`` of a slice when asked.
+
+    Two tables are equal (``==``) when they route alike: same generation,
+    pods and slices, whichever form they were written in.
     """
 
     __slots__ = (
         "generation",
         "pods",
         "generated",
+        "compact",
         "slice_count",
         "starts",
         "_owner",
@@ -186,6 +207,8 @@ class Assignment:
     generation: int
     pods: Mapping[str, Pod]
     generated: bool
+    # Parsed from the compact form: ``dumps`` writes it back in that form.
+    compact: bool
     slice_count: int
     starts: array[int]
 
@@ -227,10 +250,12 @@ class Assignment:
         backup: array[int],
         combos: tuple[tuple[str, ...], ...],
         index: tuple[int, array[int]] | None,
+        compact: bool = False,
     ) -> None:
         self.generation = generation
         self.pods = MappingProxyType(pods)
         self.generated = generated
+        self.compact = compact
         self.slice_count = len(starts)
         self.starts = starts
         self._owner = owner
@@ -256,7 +281,21 @@ class Assignment:
             self._backup,
             self._combos,
             (self._shift, self._index),
+            self.compact,
         )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Assignment):
+            return NotImplemented
+        return (
+            self.generation == other.generation
+            and self.slice_count == other.slice_count
+            and dict(self.pods) == dict(other.pods)
+            and self.same_slices(other)
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.generation, self.slice_count))
 
     def lookup(self, key: bytes) -> Route:
         """Route for a routing key (raw header bytes)."""
@@ -319,9 +358,11 @@ class Assignment:
     def slice_specs(self) -> list[SliceSpec]:
         return [SliceSpec(r.start, r.pod.id, r.epoch, r.backups) for r in self.routes]
 
-    def to_json(self, *, explicit: bool = True) -> dict[str, Any]:
+    def to_json(self, *, explicit: bool = True, compact: bool | None = None) -> dict[str, Any]:
         """The table as a JSON-ready dict. ``explicit=False`` keeps a generated
-        table in its short pods-only form."""
+        table in its short pods-only form. ``compact`` writes the compact form
+        (``owners``) instead of a ``slices`` list; by default, a table parsed
+        from the compact form is written in it."""
         pods: dict[str, Any] = {}
         for p in self.pods.values():
             entry: dict[str, Any] = {"url": p.url}
@@ -335,6 +376,9 @@ class Assignment:
             if self.slice_count != DEFAULT_SLICE_COUNT:
                 doc["slice_count"] = self.slice_count
             return doc
+        if self.compact if compact is None else compact:
+            doc.update(self._compact_fields())
+            return doc
         slices = []
         combos = self._combos
         for start, pid, epoch, b in zip(self.starts, self.owner_ids(), self._epoch, self._backup, strict=True):
@@ -345,8 +389,41 @@ class Assignment:
         doc["slices"] = slices
         return doc
 
-    def dumps(self, *, explicit: bool = True) -> bytes:
-        return orjson.dumps(self.to_json(explicit=explicit), option=orjson.OPT_INDENT_2) + b"\n"
+    def dumps(self, *, explicit: bool = True, compact: bool | None = None) -> bytes:
+        """``to_json`` as indented JSON text."""
+        return orjson.dumps(self.to_json(explicit=explicit, compact=compact), option=orjson.OPT_INDENT_2) + b"\n"
+
+    def _compact_fields(self) -> dict[str, Any]:
+        """The slices in the compact form (see ``_from_compact``): the grid of
+        equal slices nearest to the starts, then each column grouped by value.
+        The most common epoch is the default; backups are "rendezvous" when
+        the derived ones are exactly the table's."""
+        doc: dict[str, Any] = {}
+        count, splits, merges = _grid_of(self.starts)
+        doc["slice_count"] = count
+        if splits:
+            doc["splits"] = [f"0x{s:016x}" for s in splits]
+        if merges:
+            doc["merges"] = [f"0x{s:016x}" for s in merges]
+        ids = [p.id for p in self._pod_list]
+        doc["owners"] = {ids[k]: text for k, text in _grouped(self._owner).items()}
+        by_epoch = _grouped(self._epoch)
+        counts = {e: len(text) for e, text in by_epoch.items()}  # fewest characters left to write
+        default = max(counts, key=lambda e: (counts[e], e))
+        if default != self.generation:
+            doc["epoch"] = default
+        epochs = {str(e): by_epoch[e] for e in sorted(by_epoch) if e != default}
+        if epochs:
+            doc["epochs"] = epochs
+        combos = self._combos
+        if any(combos[b] for b in self._backup):
+            grid = 0 if splits or merges else count
+            derived = _rendezvous_backups(self.pods, self.starts, self._owner, grid)
+            if all(combos[b] == d for b, d in zip(self._backup, derived, strict=True)):
+                doc["backups"] = RENDEZVOUS
+            else:
+                doc["backups"] = {",".join(combos[b]): text for b, text in _grouped(self._backup).items() if combos[b]}
+        return doc
 
     def render(self) -> bytes:
         """``{"shares": ..., "table": ...}`` as compact JSON (the admin view;
@@ -418,9 +495,15 @@ def from_json(doc: Any, raw: bytes | str | None = None) -> Assignment:
     raw_pods = doc["pods"]
     if isinstance(raw_pods, dict) and len(raw_pods) > MAX_PODS:
         raise AssignmentError(f"pods: {len(raw_pods)} pods is above the limit of {MAX_PODS} (MAX_PODS)")
+    compact = sorted(_COMPACT_FIELDS.intersection(doc))
     if "slices" in doc:
         if "slice_count" in doc:
             raise AssignmentError("slice_count: only allowed in tables without slices")
+        if compact:
+            raise AssignmentError(
+                f"{compact[0]}: a field of the compact form, which lists slices in owners instead of slices: "
+                "write one form or the other"
+            )
         raw_slices = doc["slices"]
         if isinstance(raw_slices, list) and len(raw_slices) > MAX_SLICES:
             raise AssignmentError(f"slices: {len(raw_slices)} slices is above the limit of {MAX_SLICES} (MAX_SLICES)")
@@ -429,6 +512,15 @@ def from_json(doc: Any, raw: bytes | str | None = None) -> Assignment:
         if raw is not None:
             _check_unique_keys(raw, doc, owners, backups)
         return Assignment(generation, pods, starts, owners, epochs, backups, generated=False)
+    if compact:
+        if "owners" not in doc:
+            raise AssignmentError(
+                f"owners: missing ({compact[0]} is a field of the compact form, whose owners lists each pod's slices)"
+            )
+        table = _from_compact(doc, generation)
+        if raw is not None:
+            _check_unique_keys(raw, doc, (), ())
+        return table
     slice_count = DEFAULT_SLICE_COUNT
     if "slice_count" in doc:
         slice_count = _positive_int(doc["slice_count"], "slice_count")
@@ -479,6 +571,13 @@ def _check_unique_keys(
         if any(":" in pid for pid in pods):
             colons += sum(p.id.count(":") for p in owners)
             colons += sum(b.count(":") for bt in backups for b in bt)
+    # The compact form: pod ids as keys of owners and backups; slice
+    # numbers, epochs and starts hold no colon.
+    for field in ("owners", "epochs", "backups"):
+        group = doc.get(field)
+        if isinstance(group, dict):
+            keys += len(group)
+            colons += sum(key.count(":") for key in group)
     if written > keys + colons:
         _find_duplicate_key(raw, doc)
 
@@ -515,6 +614,9 @@ def _find_duplicate_key(raw: bytes | str, doc: dict[str, Any]) -> None:
     if isinstance(full.get("slices"), list):
         for i, s in enumerate(full["slices"]):
             places[id(s)] = f"slices[{i}]."
+    for field in ("owners", "epochs", "backups"):
+        if isinstance(full.get(field), dict):
+            places[id(full[field])] = f"{field}."
     # Innermost objects are decoded first: report the first one in place.
     for key, obj in twice:
         where = places.get(id(obj))
@@ -739,6 +841,310 @@ def _parse_slices(raw: Any, pods: Mapping[str, Pod], generation: int) -> Columns
     return starts, owners, epochs, backups
 
 
+# --------------------------------------------------------------------------
+# The compact form
+
+
+def _from_compact(doc: dict[str, Any], generation: int) -> Assignment:
+    """Validate a table in the compact form and build it.
+
+    The slices are ``slice_count`` equal slices (default 4096; starts as in
+    ``slice_starts``), plus the starts listed in ``splits`` (each inside a
+    slice of that grid), minus the grid starts listed in ``merges`` (each
+    joins a slice to the one before it); both sorted. Slice numbers count the
+    resulting slices from 0. Then, by value, each a string of slice numbers
+    and ranges like ``"0-3,7,9-12"``:
+
+    * ``owners``: pod id -> its slices; every slice under exactly one pod;
+    * ``epochs``: epoch (decimal) -> slices; the others have ``epoch``
+      (default: the generation);
+    * ``backups``: comma-separated pod ids -> slices; the others have none.
+      Or the string ``"rendezvous"``: every slice's backups are the first
+      three other pods by rendezvous score at its start (as generated).
+
+    The same bounds as other forms hold, and are checked before the work
+    they bound: ``MAX_SLICES`` slices, and slices x pods up to
+    ``MAX_GENERATED`` for rendezvous backups.
+    """
+    count = DEFAULT_SLICE_COUNT
+    if "slice_count" in doc:
+        count = _positive_int(doc["slice_count"], "slice_count")
+        if count > MAX_SLICES:
+            raise AssignmentError(f"slice_count: {count} slices is above the limit of {MAX_SLICES} (MAX_SLICES)")
+    splits = _start_list(doc, "splits")
+    merges = _start_list(doc, "merges")
+    total = count + len(splits) - len(merges)
+    if total > MAX_SLICES:
+        raise AssignmentError(
+            f"splits: {count} slices (slice_count) + {len(splits)} splits - {len(merges)} merges = {total} slices "
+            f"is above the limit of {MAX_SLICES} (MAX_SLICES)"
+        )
+    raw_pods = doc["pods"]
+    backups_doc = doc.get("backups", _MISSING)
+    if backups_doc == RENDEZVOUS and isinstance(raw_pods, dict) and total * len(raw_pods) > MAX_GENERATED:
+        raise AssignmentError(
+            f'backups: "rendezvous" over {total} slices x {len(raw_pods)} pods is above the limit of '
+            f"{MAX_GENERATED} (MAX_GENERATED): list the backups by slice instead"
+        )
+    pods = _parse_pods(raw_pods)
+    starts = _compact_starts(count, splits, merges)
+    n = len(starts)
+    owner = _owner_column(doc["owners"], pods, starts)
+    epoch = _epoch_column(doc, n, generation)
+    ids = list(pods)
+    if backups_doc is _MISSING:
+        backups: list[tuple[str, ...]] = [()] * n
+    elif backups_doc == RENDEZVOUS:
+        backups = _rendezvous_backups(pods, starts, owner, 0 if splits or merges else count)
+    else:
+        backups = _backup_column(backups_doc, pods, ids, owner)
+    combos: dict[tuple[str, ...], int] = {}
+    backup = array("I", [combos.setdefault(b, len(combos)) for b in backups])
+    starts_col = array("Q", starts)
+    columns = (generation, pods, False, starts_col, array("I", owner), epoch, backup, tuple(combos))
+    return _restore(*columns, _lookup_index(starts_col), True)
+
+
+def _start_list(doc: dict[str, Any], field: str) -> list[int]:
+    """``splits`` or ``merges``: strictly increasing slice starts."""
+    raw = doc.get(field, [])
+    if not isinstance(raw, list):
+        raise AssignmentError(f"{field}: expected an array of slice starts, got {_kind(raw)}")
+    if len(raw) > MAX_SLICES:
+        raise AssignmentError(f"{field}: {len(raw)} starts is above the limit of {MAX_SLICES} (MAX_SLICES)")
+    out: list[int] = []
+    for i, v in enumerate(raw):
+        start = _parse_start(v, f"{field}[{i}]")
+        if out and start <= out[-1]:
+            raise AssignmentError(
+                f"{field}[{i}]: 0x{start:x} is not above the previous one, 0x{out[-1]:x} (write them sorted, once)"
+            )
+        out.append(start)
+    return out
+
+
+def _on_grid(start: int, count: int) -> bool:
+    """Whether ``start`` is one of ``slice_starts(count)``."""
+    i = -(-start * count // KEY_SPACE)  # the first grid index whose start is not below ``start``
+    return i < count and i * KEY_SPACE // count == start
+
+
+def _compact_starts(count: int, splits: list[int], merges: list[int]) -> list[int]:
+    grid = slice_starts(count)
+    if not splits and not merges:
+        return grid
+    for i, start in enumerate(merges):
+        if start == 0:
+            raise AssignmentError(f"merges[{i}]: 0x0 cannot be merged away (the first slice starts at 0)")
+        if not _on_grid(start, count):
+            raise AssignmentError(
+                f"merges[{i}]: 0x{start:016x} is not a start of the {count} equal slices (slice_count)"
+            )
+    for i, start in enumerate(splits):
+        if _on_grid(start, count):
+            raise AssignmentError(
+                f"splits[{i}]: 0x{start:016x} is a start of the {count} equal slices already (slice_count)"
+            )
+    dropped = set(merges)
+    return sorted([s for s in grid if s not in dropped] + splits)
+
+
+def _ranges(text: Any, where: str, n: int) -> list[tuple[int, int]]:
+    """A string of slice numbers and ranges (``"0-3,7"``) as inclusive
+    ``(first, last)`` pairs, each within the ``n`` slices of the table."""
+    if type(text) is not str:
+        raise AssignmentError(f'{where}: expected a string of slice numbers like "0-3,7,9", got {_kind(text)}')
+    if not text:
+        return []
+    items = text.split(",")
+    if not _RANGES_RE.fullmatch(text):
+        for k, item in enumerate(items):
+            if not _RANGE_RE.fullmatch(item):
+                raise AssignmentError(
+                    f"{where}: item {k + 1}, {item!r}, is not a slice number or a range like 4-9 "
+                    '(comma-separated, no spaces: "0-3,7,9")'
+                )
+    out: list[tuple[int, int]] = []
+    for item in items:
+        first, dash, last = item.partition("-")
+        lo = int(first)
+        hi = int(last) if dash else lo
+        if hi < lo:
+            raise AssignmentError(f"{where}: range {item} runs backwards (write {hi}-{lo})")
+        if hi >= n:
+            raise AssignmentError(f"{where}: slice {hi} is beyond the table's {n} slices (numbered 0 to {n - 1})")
+        out.append((lo, hi))
+    return out
+
+
+def _owner_column(raw: Any, pods: Mapping[str, Pod], starts: list[int]) -> list[int]:
+    """``owners``: each slice's owner, as the index of a pod in ``pods``."""
+    if not isinstance(raw, dict):
+        raise AssignmentError(f'owners: expected an object of pod id -> slices like "0-3,7", got {_kind(raw)}')
+    n = len(starts)
+    owner = [-1] * n
+    index = {pid: k for k, pid in enumerate(pods)}
+    ids = list(pods)
+    for pid, text in raw.items():
+        where = f"owners.{pid}"
+        k = index.get(pid)
+        if k is None:
+            raise AssignmentError(f"{where}: unknown pod {pid!r} (not in pods)")
+        for lo, hi in _ranges(text, where, n):
+            if lo == hi:
+                if owner[lo] < 0:
+                    owner[lo] = k
+                    continue
+            elif max(owner[lo : hi + 1]) < 0:
+                owner[lo : hi + 1] = [k] * (hi - lo + 1)
+                continue
+            i = next(i for i in range(lo, hi + 1) if owner[i] >= 0)
+            raise AssignmentError(f"{where}: slice {i} is also listed under owners.{ids[owner[i]]} (one owner a slice)")
+    if -1 in owner:
+        i = owner.index(-1)
+        raise AssignmentError(f"owners: slice {i} (0x{starts[i]:016x}) has no owner (list it under one pod)")
+    return owner
+
+
+def _epoch_column(doc: dict[str, Any], n: int, generation: int) -> array[int]:
+    """``epoch`` and ``epochs``: each slice's epoch."""
+    default = generation
+    if "epoch" in doc:
+        default = _positive_int(doc["epoch"], "epoch")
+        if default > generation:
+            raise AssignmentError(f"epoch: {default} is above the table's generation {generation}")
+    epoch = array("Q", [default]) * n
+    raw = doc.get("epochs", {})
+    if not isinstance(raw, dict):
+        raise AssignmentError(f'epochs: expected an object of epoch -> slices like "0-3,7", got {_kind(raw)}')
+    listed = bytearray(n)
+    for key, text in raw.items():
+        where = f"epochs.{key}"
+        if not _EPOCH_KEY_RE.fullmatch(key):
+            raise AssignmentError(f"{where}: {key!r} is not an epoch (a positive decimal integer)")
+        value = int(key)
+        if value > generation:
+            raise AssignmentError(f"{where}: epoch {value} is above the table's generation {generation}")
+        for lo, hi in _ranges(text, where, n):
+            if listed.find(1, lo, hi + 1) >= 0:
+                i = listed.index(1, lo, hi + 1)
+                raise AssignmentError(f"{where}: slice {i} is listed under another epoch too (one epoch a slice)")
+            listed[lo : hi + 1] = b"\x01" * (hi - lo + 1)
+            epoch[lo : hi + 1] = array("Q", [value]) * (hi - lo + 1)
+    return epoch
+
+
+def _backup_column(raw: Any, pods: Mapping[str, Pod], ids: list[str], owner: list[int]) -> list[tuple[str, ...]]:
+    """``backups`` as an object: each slice's backups (none if not listed)."""
+    if not isinstance(raw, dict):
+        raise AssignmentError(
+            f'backups: expected "{RENDEZVOUS}" or an object of backup pod ids -> slices '
+            f'like {{"pod-b,pod-c": "0-3,7"}}, got {_kind(raw)}'
+        )
+    n = len(owner)
+    column: list[tuple[str, ...]] = [()] * n
+    listed = bytearray(n)
+    for key, text in raw.items():
+        where = f"backups.{key}"
+        combo = tuple(key.split(","))
+        for j, b in enumerate(combo):
+            if b not in pods:
+                raise AssignmentError(f"{where}: unknown pod {b!r} (backup {j + 1} of the list)")
+            if b in combo[:j]:
+                raise AssignmentError(f"{where}: {b!r} is listed twice")
+        members = {ids.index(b) for b in combo}
+        for lo, hi in _ranges(text, where, n):
+            for i in range(lo, hi + 1):
+                if listed[i]:
+                    raise AssignmentError(f"{where}: slice {i} is listed under other backups too (one list a slice)")
+                if owner[i] in members:
+                    raise AssignmentError(
+                        f"{where}: slice {i} is owned by {ids[owner[i]]!r}, which cannot be its own backup"
+                    )
+                listed[i] = 1
+                column[i] = combo
+    return column
+
+
+def _rendezvous_backups(
+    pods: Mapping[str, Pod], starts: Sequence[int], owner: Sequence[int], grid: int
+) -> list[tuple[str, ...]]:
+    """Each slice's first ``GENERATED_BACKUPS`` pods other than its owner in
+    rendezvous order at its start (active pods first), as ``generate`` and
+    ``evolve`` choose them. ``grid``: the slice count if ``starts`` are
+    ``slice_starts(grid)``, else 0."""
+    values = list(pods.values())
+    ids = [p.id for p in values]
+    pod_range = range(len(values))
+    combos: dict[tuple[int, ...], tuple[str, ...]] = {}
+    out: list[tuple[str, ...]] = []
+    add = out.append
+    for o, keys in zip(owner, zip(*_rank_columns(values, starts, grid), strict=True), strict=True):
+        order = sorted(pod_range, key=keys.__getitem__, reverse=True)
+        order.remove(o)
+        picked = tuple(order[:GENERATED_BACKUPS])
+        combo = combos.get(picked)
+        if combo is None:
+            combo = combos[picked] = tuple(ids[k] for k in picked)
+        add(combo)
+    return out
+
+
+def _grouped(column: Sequence[int]) -> dict[int, str]:
+    """The slices of each value of a column, as the compact form writes them
+    (``"0-3,7,9-12"``), by ascending value."""
+    runs: dict[int, list[list[int]]] = {}
+    prev = -1
+    for i, v in enumerate(column):
+        if v == prev:
+            runs[v][-1][1] = i
+        else:
+            runs.setdefault(v, []).append([i, i])
+            prev = v
+    out: dict[int, str] = {}
+    for v in sorted(runs):
+        parts = []
+        for lo, hi in runs[v]:
+            if hi == lo:
+                parts.append(str(lo))
+            elif hi == lo + 1:
+                parts.append(f"{lo},{hi}")
+            else:
+                parts.append(f"{lo}-{hi}")
+        out[v] = ",".join(parts)
+    return out
+
+
+def _grid_of(starts: array[int]) -> tuple[int, list[int], list[int]]:
+    """(slice_count, splits, merges) that describe ``starts`` with the fewest
+    listed starts: the grid of ``len(starts)`` equal slices if they are that,
+    else the nearest grid of a power of two slices (whose starts are the
+    multiples of a power of two) or of ``len(starts)``."""
+    n = len(starts)
+    if starts == array("Q", slice_starts(n)):
+        return n, [], []
+    # Trailing zero bits of each start: on the grid of 2**k slices iff >= 64 - k.
+    zeros = [0] * 65
+    for s in starts:
+        zeros[(s & -s).bit_length() - 1 if s else 64] += 1
+    on = 0
+    best = (KEY_SPACE, 0)  # (starts to list, slice count)
+    for k in range(64, -1, -1):
+        on += zeros[k]  # starts on the grid of 2**(64 - k) slices
+        size = 1 << (64 - k)
+        if size > MAX_SLICES:
+            break
+        best = min(best, (size - on + n - on, size))
+    if n <= MAX_SLICES:
+        on = sum(_on_grid(s, n) for s in starts)
+        best = min(best, (2 * (n - on), n))
+    count = best[1]
+    present = set(starts)
+    merges = [g for g in slice_starts(count) if g not in present]
+    splits = [s for s in starts if not _on_grid(s, count)]
+    return count, splits, merges
+
+
 def build(generation: int, pods: Mapping[str, Pod], specs: Sequence[SliceSpec]) -> Assignment:
     """Validate explicit slices against ``pods`` and build the table."""
     if not specs:
@@ -788,14 +1194,7 @@ def rank(pods: Iterable[Pod], point: int) -> list[Pod]:
 
 def _unit_scores(pod_id: str, count: int) -> array[float]:
     """``score`` of a pod of weight 1 at each of ``count`` equal slice starts."""
-    prefix, h64, log = pod_id.encode() + b"\x00", mmh3.hash64, math.log
-    return array(
-        "d",
-        [
-            -1.0 / log((h64(prefix + start.to_bytes(8, "big"), 0, signed=False)[0] + 0.5) / KEY_SPACE)
-            for start in slice_starts(count)
-        ],
-    )
+    return array("d", _unit_scores_at(pod_id, slice_starts(count)))
 
 
 # Tables are regenerated with the same pods and slice count again and again
@@ -803,6 +1202,30 @@ def _unit_scores(pod_id: str, count: int) -> array[float]:
 # to 128 pods of tables up to 16384 slices (at most 16 MiB).
 _cached_unit_scores = lru_cache(maxsize=128)(_unit_scores)
 _CACHED_SLICE_COUNT = 16384
+
+
+def _unit_scores_at(pod_id: str, starts: Sequence[int]) -> list[float]:
+    """``score`` of a pod of weight 1 at each of ``starts``."""
+    prefix, h64, log = pod_id.encode() + b"\x00", mmh3.hash64, math.log
+    return [
+        -1.0 / log((h64(prefix + start.to_bytes(8, "big"), 0, signed=False)[0] + 0.5) / KEY_SPACE) for start in starts
+    ]
+
+
+def _rank_columns(values: Sequence[Pod], starts: Sequence[int], grid: int) -> list[list[float]]:
+    """``rank``'s order at every slice start, as one column of sort keys per
+    pod: at ``starts``, or at ``slice_starts(grid)`` if ``grid``. ``score``
+    is weight x unit score, and a draining pod's key -1/score is below every
+    active pod's score yet keeps the draining pods in score order."""
+    columns = []
+    for p in values:
+        w = p.weight
+        if grid:
+            u: Sequence[float] = (_cached_unit_scores if grid <= _CACHED_SLICE_COUNT else _unit_scores)(p.id, grid)
+        else:
+            u = _unit_scores_at(p.id, starts)
+        columns.append([w * x for x in u] if p.active else [-1.0 / (w * x) for x in u])
+    return columns
 
 
 def generate(generation: int, pods: Mapping[str, Pod], slice_count: int = DEFAULT_SLICE_COUNT) -> Assignment:
@@ -815,15 +1238,7 @@ def generate(generation: int, pods: Mapping[str, Pod], slice_count: int = DEFAUL
     _check_generated_size(slice_count, len(pods))
     values = list(pods.values())
     ids = [p.id for p in values]
-    unit = _cached_unit_scores if slice_count <= _CACHED_SLICE_COUNT else _unit_scores
-    # ``rank`` for every slice start, one column per pod: ``score`` is
-    # weight x unit score, and a draining pod's key -1/score is below every
-    # active pod's score yet keeps the draining pods in score order.
-    columns = []
-    for p in values:
-        w = p.weight
-        u = unit(p.id, slice_count)
-        columns.append([w * x for x in u] if p.active else [-1.0 / (w * x) for x in u])
+    columns = _rank_columns(values, (), slice_count)
     # Straight into the columns of the table: owner and backups by pod index.
     pod_range = range(len(values))
     owner, backup = array("I"), array("I")
@@ -911,7 +1326,10 @@ def _epoch_regression(old: Assignment, new: Assignment) -> str | None:
         i, j = found
         pos = max(old.starts[i], new.starts[j])
     was, now = old.route(i), new.route(j)
-    where = f"slices[{j}] (0x{now.start:016x}): at position 0x{pos:016x}"
+    if new.compact:  # named as the compact form lists it
+        where = f"slice {j} (0x{now.start:016x}, owners.{now.pod.id}): at position 0x{pos:016x}"
+    else:
+        where = f"slices[{j}] (0x{now.start:016x}): at position 0x{pos:016x}"
     if now.epoch < was.epoch:
         return (
             f"{where}, epoch {now.epoch} is below {was.epoch}, the epoch in force there "

@@ -57,7 +57,9 @@ from typing import Any, TypeVar
 from .assignment import (
     DEFAULT_SLICE_COUNT,
     MAX_GENERATED,
+    MAX_SLICES,
     MAX_TABLE_BYTES,
+    RENDEZVOUS,
     Assignment,
     AssignmentError,
     epoch_regression,
@@ -81,6 +83,11 @@ INLINE_BYTES = 32 * 1024
 INLINE_GENERATE = 16 * 1024
 # ``moved_share`` walks both tables: inline below this many slices in total.
 INLINE_COMPARE = 16 * 1024
+# A table in the compact form costs about 0.5 µs per slice it spans, however
+# few bytes it takes ("0-262143" is every slice of a big grid): up to this
+# many slices (~2 ms) it is parsed inline. Its rendezvous backups cost like
+# ``generate()`` and count against ``INLINE_GENERATE``.
+INLINE_COMPACT = 4096
 # Tables the helper keeps (the one in force, the new one, one more).
 KEEP = 3
 
@@ -330,13 +337,21 @@ class Offload:
 
 
 def _expands(doc: Any) -> bool:
-    """Whether ``doc`` is a pods-only table big enough to generate off the loop."""
+    """Whether ``doc`` is a pods-only table big enough to generate off the
+    loop, or a compact one that spans enough slices to parse off the loop."""
     if not isinstance(doc, dict) or "slices" in doc:
         return False
     count = doc.get("slice_count", DEFAULT_SLICE_COUNT)
     pods = doc.get("pods")
     if not isinstance(count, int) or not isinstance(pods, dict):
         return False  # invalid: from_json names the problem
+    if "owners" in doc:
+        splits = doc.get("splits")
+        total = count + (len(splits) if isinstance(splits, list) else 0)
+        if total > MAX_SLICES:
+            return False  # refused at once
+        rendezvous = doc.get("backups") == RENDEZVOUS
+        return total > INLINE_COMPACT or (rendezvous and INLINE_GENERATE < total * len(pods) <= MAX_GENERATED)
     # Beyond MAX_GENERATED, from_json refuses it at once: no helper needed.
     return INLINE_GENERATE < count * len(pods) <= MAX_GENERATED
 
