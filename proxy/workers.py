@@ -12,6 +12,11 @@ generation (under a lock, so two pushes to two workers cannot interleave).
 Every worker follows it like a table file. A worker started again after a
 crash starts on the newest table: the pushed one, or the table file if it
 changed since the supervisor read it, whichever generation is higher.
+
+Workers share metrics through another folder (``KEYROUTE_METRICS_DIR``, see
+``metrics``). When the supervisor reaps a worker it folds the worker's last
+snapshot into the retired totals before it starts the next one, so the dead
+worker's gauges stop counting at once and its counters are kept.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import TYPE_CHECKING, cast
 
 from .assignment import Assignment
 from .config import Settings
-from .metrics import METRICS_DIR_ENV
+from .metrics import METRICS_DIR_ENV, retire
 from .sources import Failure
 
 if TYPE_CHECKING:
@@ -230,6 +235,10 @@ def supervise(settings: Settings, assignment: Assignment | None, n: int, known: 
         started = children.pop(pid, None)
         if started is None:
             continue
+        try:
+            retire(metrics_dir, pid)
+        except OSError as exc:  # the workers fold it when they find the pid gone
+            log.warning("cannot fold the metrics of worker %d into %s: %s", pid, metrics_dir, exc)
         if stopping:
             continue
         exit_code = os.waitstatus_to_exitcode(code)
