@@ -16,21 +16,23 @@ import hmac
 import ipaddress
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
 
 from . import assignment as core
-from . import workers
+from . import reload, workers
 from .reload import follow
-from .server import Runtime
 from .sources import judge, verdict_kind
 from .sources.http import read_body
 
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
 log = logging.getLogger("keyroute.admin")
 
-RUNTIME = web.AppKey("runtime", Runtime)
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime")
 MAX_PUT_BYTES = 64 << 20
 # Tables up to this many slices are rendered on the event loop (a few ms).
 INLINE_RENDER_SLICES = 4096
@@ -149,7 +151,7 @@ async def put_assignment(request: web.Request) -> web.Response:
     try:
         table = await rt.offload.parse(data)
     except core.AssignmentError as exc:
-        rt.note_reload("invalid", str(exc))
+        reload.note(rt, "invalid", str(exc))
         return _error(400, "invalid_table", str(exc), rt)
     pushes = request.app.get(PUSHES)
     if pushes is not None and judge(rt.table.assignment if rt.table else None, table) is None:
@@ -162,9 +164,9 @@ async def put_assignment(request: web.Request) -> web.Response:
             log.error("%s", detail)
             return _error(500, "not_shared", detail, rt)
         if refused:
-            rt.note_reload(verdict_kind(refused), refused)
+            reload.note(rt, verdict_kind(refused), refused)
             return _error(409, "refused", refused, rt)
-    verdict = rt.offer(table)
+    verdict = reload.offer(rt, table)
     if verdict:
         return _error(409, "refused", verdict, rt)
     return _json({"applied": True, "generation": table.generation})

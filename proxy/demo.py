@@ -33,7 +33,8 @@ from aiohttp import web
 from . import assignment as core
 from .config import load as load_settings
 from .reload import follow
-from .server import Runtime, check_accelerators, serve
+from .runtime import Runtime
+from .server import check_accelerators, serve
 from .sources.file import FileSource
 
 POD_IDS = ("pod-a", "pod-b", "pod-c")

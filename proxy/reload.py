@@ -1,5 +1,7 @@
-"""Following a table source: what it yields is offered to the runtime; newer
-generations go in force, the rest is refused, counted and logged.
+"""Reload policy, in one place: what a table source yields (or an admin push
+brings) is offered to the runtime; ``sources.judge`` says whether it may go
+in force (newer, no conflict, no epoch going back); the rest is refused,
+counted and logged, and the table in force stays.
 
 The watcher never dies silently. A source is an async iterator that should
 run forever; if it raises (a bug, a helper call that fails in a way nobody
@@ -14,10 +16,15 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
+from .assignment import Assignment
+
 if TYPE_CHECKING:
-    from .server import Runtime
+    from .runtime import Runtime
 
 log = logging.getLogger("keyroute.reload")
 
@@ -53,9 +60,9 @@ def follow(
                 if rt.closing:  # draining: no new requests to route, helper stopped
                     return
                 if isinstance(item, Failure):
-                    rt.note_reload(item.kind, item.detail)
+                    note(rt, item.kind, item.detail)
                 else:
-                    rt.offer(item)
+                    offer(rt, item)
 
     async def run() -> None:
         failures = 0
@@ -74,7 +81,86 @@ def follow(
             # backoff afresh.
             failures = 1 if rt.loop.time() - started > restart_cap else failures + 1
             delay = restart_delay(failures, restart_base, restart_cap)
-            rt.note_reload("error", f"{source.name}: {problem}; restarting it in {delay:.2f}s")
+            note(rt, "error", f"{source.name}: {problem}; restarting it in {delay:.2f}s")
             await asyncio.sleep(delay)
 
     return rt.loop.create_task(run())
+
+
+def offer(rt: Runtime, assignment: Assignment) -> str:
+    """Apply ``assignment`` if its generation is above the one in force.
+    Returns "" when applied (or identical to the table in force), else why not."""
+    from .sources import judge, verdict_kind  # sources import this module's callers
+
+    old = rt.table.assignment if rt.table is not None else None
+    verdict = judge(old, assignment)
+    if verdict is None:
+        rt.set_assignment(assignment)
+        note(rt, "applied", None)
+        if old is None:
+            _log_applied(rt, None, assignment, 1.0)
+        else:
+            # Comparing two 100k-slice tables takes tens of ms: not on the loop.
+            task = rt.loop.create_task(_log_moved(rt, old, assignment))
+            rt._background.add(task)
+            task.add_done_callback(rt._background.discard)
+        return ""
+    if verdict:
+        note(rt, verdict_kind(verdict), verdict)
+    return verdict
+
+
+async def _log_moved(rt: Runtime, old: Assignment, new: Assignment) -> None:
+    try:
+        moved: float | None = await rt.offload.moved_share(old, new)
+    except Exception as exc:  # only the log line misses it
+        log.warning("reload log: moved share not computed: %r", exc)
+        moved = None
+    _log_applied(rt, old, new, moved)
+
+
+def _log_applied(rt: Runtime, old: Assignment | None, new: Assignment, moved: float | None) -> None:
+    log.info(
+        "%s",
+        orjson.dumps(
+            {
+                "event": "reload",
+                "result": "applied",
+                "old_generation": old.generation if old else None,
+                "generation": new.generation,
+                "moved": None if moved is None else round(moved, 6),
+                "source": rt.settings.assignment.source,
+            }
+        ).decode(),
+    )
+
+
+def note(rt: Runtime, result: str, error: str | None) -> None:
+    """Count a reload result; remember (and log) a refusal or failure, and mark
+    the last one resolved when a table applies."""
+    rt.stats.reload(result)
+    last = rt.last_reload_error
+    if result == "applied" and last is not None and not last["resolved"]:
+        last["resolved"] = True
+        last["resolved_at"] = time.time()
+        last["resolved_by_generation"] = rt.table.generation if rt.table else None
+    if error is not None:
+        rt.last_reload_error = {
+            "result": result,
+            "error": error,
+            "at": time.time(),
+            "generation_in_force": rt.table.generation if rt.table else None,
+            "resolved": False,
+        }
+        log.warning(
+            "%s",
+            orjson.dumps(
+                {
+                    "event": "reload",
+                    "result": result,
+                    "generation": rt.table.generation if rt.table else None,
+                    "error": error,
+                    "source": rt.settings.assignment.source,
+                }
+            ).decode(),
+        )

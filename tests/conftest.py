@@ -17,7 +17,8 @@ from aiohttp import web
 
 from proxy import assignment as core
 from proxy.config import load as load_settings
-from proxy.server import Runtime, serve
+from proxy.runtime import Runtime
+from proxy.server import serve
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

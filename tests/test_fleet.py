@@ -25,6 +25,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 
 from proxy import assignment as core
+from proxy import reload
 from proxy.config import load as load_settings
 
 from .conftest import Proxy, wait_for
@@ -209,7 +210,7 @@ async def test_reference_pods_behind_keyroute_across_an_owner_change(
     # The table moves ka's slice to pod-b, with a new epoch; pods and proxy see it.
     new = pods.table(GEN + 5, ("pod-b", "pod-b"), (GEN + 5, GEN))
     write_table(pods.table_path, new)
-    assert px.runtime.offer(new) == ""
+    assert reload.offer(px.runtime, new) == ""
     for pid in pods.ports:
         await pods.wait_generation(pid, GEN + 5)
 

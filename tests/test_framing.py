@@ -12,6 +12,8 @@ import socket
 import pytest
 from aiohttp import web
 
+from proxy import reload
+
 from .conftest import (
     EchoPods,
     Pod,
@@ -625,13 +627,13 @@ async def test_pods_that_leave_the_table_leave_nothing_behind(pods: list[Pod], p
             assert status == 200 and headers["x-keyroute-pod"] != "gone"
     leaving_addr = ("127.0.0.1", leaving.port)
     assert "gone" in rt.health.pods and leaving.id in rt.stats.by_pod and leaving_addr in rt.upstreams.pools
-    assert rt.offer(table_for([pods[0], pods[1]], generation=8)) == ""
+    assert reload.offer(rt, table_for([pods[0], pods[1]], generation=8)) == ""
     assert rt.health.pods == {}
     assert leaving_addr not in rt.upstreams.pools
     assert ("127.0.0.1", pods[0].port) in rt.upstreams.pools
     assert leaving.id not in rt.stats.by_pod and pods[0].id in rt.stats.by_pod
     # A pod that leaves and comes back starts afresh on a new pool.
-    assert rt.offer(table_for([pods[0], leaving], generation=9)) == ""
+    assert reload.offer(rt, table_for([pods[0], leaving], generation=9)) == ""
     async with connect(px.port) as raw:
         await raw.send(f"GET / HTTP/1.1\r\nHost: t\r\nX-Routing-Key: {key_to(leaving.id)}\r\n\r\n".encode())
         status, headers, _ = await raw.response()

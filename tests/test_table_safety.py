@@ -422,7 +422,7 @@ async def test_admin_put_refuses_epoch_regression(proxy_factory: Factory, pods: 
         assert await metric(s, px, label) == 2
         assert await routed_generation(s, px) == 10
         async with s.get(px.admin + "/-/assignment") as r:
-            assert "epoch regression" in (await r.json())["last_error"]
+            assert "epoch regression" in (await r.json())["last_error"]["error"]
         # The same move with the new generation as the slice's epoch: applied.
         good = doc_of(11, [(0, ids[0], 4), (HALF, ids[2], 11)], pods_doc(pods))
         status, doc = await put(s, px, orjson.dumps(good))
@@ -462,7 +462,7 @@ async def test_file_source_refuses_epoch_regression_checked_in_the_helper(
 
             await wait_until(refused, "the epoch regression to be counted")
             assert rt.last_reload_error is not None
-            assert f"slices[500] (0x{start:016x})" in rt.last_reload_error
+            assert f"slices[500] (0x{start:016x})" in rt.last_reload_error["error"]
             assert rt.table.generation == 10
             assert await routed_generation(s, px) == 10
             # Moved with a new epoch: applied.
@@ -533,8 +533,9 @@ async def test_file_source_refuses_a_file_above_the_byte_limit_unread(
 
             await wait_until(refused, "the big file to be refused")
             assert rt.last_reload_error is not None
-            assert re.search(rf"{re.escape(str(path))}: table: {core.MAX_TABLE_BYTES + 1} bytes", rt.last_reload_error)
-            assert "MAX_TABLE_BYTES" in rt.last_reload_error
+            error = rt.last_reload_error["error"]
+            assert re.search(rf"{re.escape(str(path))}: table: {core.MAX_TABLE_BYTES + 1} bytes", error)
+            assert "MAX_TABLE_BYTES" in error
             assert rt.offload.calls == 0 and rt.offload.fallbacks == 0
     finally:
         task.cancel()
@@ -572,7 +573,7 @@ async def test_keys_listed_twice_are_refused_over_admin_and_file(
 
             await wait_until(refused, "the big table to be refused")
             assert (
-                rt.last_reload_error
+                rt.last_reload_error["error"]
                 == f"{path}: slices[300].epoch: listed twice (a key may appear once in a JSON object)"
             )
             assert rt.offload.calls >= 1

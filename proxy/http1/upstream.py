@@ -18,7 +18,7 @@ import httptools
 from . import wire
 
 if TYPE_CHECKING:
-    from .server import Exchange
+    from .exchange import Exchange
 
 
 class _StopParsing(Exception):

@@ -1,0 +1,107 @@
+"""Routing state built on the table in force: what the wire and failover
+need per slice and per pod, computed once per table and shared by every
+request routed on it."""
+
+from __future__ import annotations
+
+from .assignment import Assignment, Pod, Route, rank
+
+
+class RoutingTable:
+    """An ``Assignment`` plus what the wire and failover need, built lazily:
+    header bytes per slice (bytes: the garbage collector does not track them),
+    candidate pods per owner and backups. Swapped as one reference; exchanges
+    keep the one they started with."""
+
+    __slots__ = (
+        "assignment",
+        "generation",
+        "failover",
+        "_req_tags",
+        "_resp_tags",
+        "_candidates",
+        "_pods",
+        "_any",
+        "_fixed",
+    )
+
+    def __init__(self, assignment: Assignment, failover: str = "backups") -> None:
+        self.assignment = assignment
+        self.generation = assignment.generation
+        self.failover = failover
+        n = assignment.slice_count
+        self._req_tags: list[bytes | None] = [None] * n
+        self._candidates: dict[tuple[str, tuple[str, ...]], tuple[Pod, ...]] = {}
+        self._pods = tuple(assignment.pods.values())
+        # failover = "any": per slice, the other active pods in the slice's
+        # rendezvous order, as positions in _pods (a tuple of ints, which the
+        # garbage collector stops tracking).
+        self._any: list[tuple[int, ...] | None] = [None] * n if failover == "any" else []
+        self._resp_tags: dict[str, bytes] = {}
+        self._fixed: dict[str, Route] = {}
+
+    def request_tag(self, route: Route, pod: Pod) -> bytes:
+        """X-Keyroute-* request headers for ``pod`` serving ``route``."""
+        i = route.index
+        if pod is route.pod and i >= 0:
+            tag = self._req_tags[i]
+            if tag is None:
+                tag = self._req_tags[i] = self._tag(route, pod, b"owner")
+            return tag
+        return self._tag(route, pod, b"owner" if pod is route.pod else b"backup")
+
+    @staticmethod
+    def _tag(route: Route, pod: Pod, role: bytes) -> bytes:
+        return b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\nX-Keyroute-Epoch: %d\r\nX-Keyroute-Role: %s\r\n" % (
+            pod.id.encode(),
+            route.generation,
+            route.epoch,
+            role,
+        )
+
+    def response_tag(self, pod: Pod) -> bytes:
+        tag = self._resp_tags.get(pod.id)
+        if tag is None:
+            tag = self._resp_tags[pod.id] = b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\n" % (
+                pod.id.encode(),
+                self.generation,
+            )
+        return tag
+
+    def candidates(self, route: Route) -> tuple[Pod, ...]:
+        """Pods for a slice in failover order: the owner, its backups, then
+        (``failover = "any"``) the other active pods in rendezvous order. The
+        same on every proxy replica."""
+        i = route.index
+        if self._any and i >= 0:
+            order = self._with_backups(route)
+            rest = self._any[i]
+            pods = self._pods
+            if rest is None:
+                seen = {p.id for p in order}
+                where = {p.id: k for k, p in enumerate(pods)}
+                ranked = rank(pods, route.start)
+                rest = self._any[i] = tuple([where[p.id] for p in ranked if p.id not in seen and p.active])
+            return (*order, *[pods[k] for k in rest])
+        return self._with_backups(route)
+
+    def _with_backups(self, route: Route) -> tuple[Pod, ...]:
+        """The owner, then its backups (``failover = "backups"`` or "any"),
+        one tuple per distinct owner and backups: a table has few."""
+        key = (route.pod.id, route.backups if self.failover != "none" and route.index >= 0 else ())
+        cands = self._candidates.get(key)
+        if cands is None:
+            pods = self.assignment.pods
+            cands = self._candidates[key] = (route.pod, *[pods[b] for b in key[1]])
+        return cands
+
+    def fixed_route(self, pod_id: str) -> Route | None:
+        """A route to a named pod (``missing_key = "pod:<id>"``)."""
+        route = self._fixed.get(pod_id)
+        if route is None:
+            pod = self.assignment.pods.get(pod_id)
+            if pod is None:
+                return None
+            g = self.generation
+            route = self._fixed[pod_id] = Route(-1, 0, 0, pod, g, (), g)
+        return route
