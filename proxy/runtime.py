@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .assignment import Assignment, Pod
 from .config import Settings
 from .health import Health
+from .http1.heads import RequestPolicy
 from .http1.upstream import Pool, Upstreams
 from .metrics import METRICS_DIR_ENV, RuntimeCollector, Shared, Stats, exposition
 from .offload import Offload
@@ -42,6 +43,14 @@ class Runtime:
         self.idle_timeout = p.idle_timeout
         self.send_timeout = p.send_timeout
         self.allow_empty_key = p.allow_empty_key
+        self.request_policy = RequestPolicy(
+            key_header=p.key_header,
+            via=p.via,
+            get_body=p.get_body,
+            allow_empty_key=p.allow_empty_key,
+            max_header_bytes=p.max_header_bytes,
+            max_body_bytes=p.max_body_bytes,
+        )
         self.reject_get_body = p.get_body == "reject"
         self.max_header_bytes = p.max_header_bytes
         self.max_body_bytes = p.max_body_bytes

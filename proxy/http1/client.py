@@ -24,6 +24,7 @@ import orjson
 from ..assignment import Pod
 from . import wire
 from .exchange import Exchange
+from .heads import rewrite_request
 from .upstream import Pool, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -47,23 +48,6 @@ _DRAIN_IDLE = 1.0
 
 # What the client connection's single timer is guarding.
 _T_IDLE, _T_HEAD, _T_BODY = 1, 2, 3
-
-# Request headers that get special handling (lower-case -> tag).
-_H_DROP, _H_CL, _H_TE, _H_CONN, _H_VIA, _H_XFF, _H_HOST, _H_UPGRADE, _H_XF = range(9)
-_REQ_SPECIAL = {name: _H_DROP for name in wire.HOP_BY_HOP}
-_REQ_SPECIAL.update(
-    {
-        b"content-length": _H_CL,
-        b"transfer-encoding": _H_TE,
-        b"connection": _H_CONN,
-        b"via": _H_VIA,
-        b"x-forwarded-for": _H_XFF,
-        b"host": _H_HOST,
-        b"upgrade": _H_UPGRADE,
-        b"x-forwarded-proto": _H_XF,
-        b"x-forwarded-host": _H_XF,
-    }
-)
 
 
 class _Reject(Exception):
@@ -300,118 +284,32 @@ class ClientProtocol(asyncio.Protocol):
         assert ex is not None
         ex.head_done = True
         rt = self.runtime
-        size = len(ex.url) + sum(len(n) + len(v) + 4 for n, v in ex.headers)
-        if size > rt.max_header_bytes:
-            self._reject(431, "headers_too_large", f"request head exceeds {rt.max_header_bytes} bytes")
         parser = self.parser
-        ex.method = method = parser.get_method()
-        version = parser.get_http_version()
-        if version != "1.1":
-            if version[0] != "1":
-                self._reject(505, "version_not_supported", f"HTTP/{version} is not supported; use HTTP/1.1")
-            ex.http11 = version != "1.0"  # HTTP/1.x with x > 1 is served as 1.1 (RFC 9110 §2.5)
-        ex.keep_alive = parser.should_keep_alive()
-        if parser.should_upgrade():
-            # Whatever follows this request is not HTTP: its answer ends the connection.
-            ex.close_after = True
-        if method == b"CONNECT":
-            self._reject(405, "method_not_allowed", "CONNECT is not supported by a reverse proxy")
-        key_name = rt.key_header
-        key: bytes | None = None
-        keys = 0
-        te = b""
-        hosts = 0
-        host = b""
-        via = b""
-        xff = b""
-        upgrade = b""
-        drop: list[bytes] | None = None
-        url = ex.url
-        out = [method, b" ", url, b" HTTP/1.1\r\n"]
-        special = _REQ_SPECIAL
-        for name, value in ex.headers:
-            lname = name.lower()
-            if lname == key_name:
-                keys += 1
-                key = value
-            tag = special.get(lname)
-            if tag is None:
-                if lname.startswith(b"x-keyroute-") or (
-                    (b"_" in lname or b"--" in lname) and wire.lookalike(lname, key_name)
-                ):
-                    continue
-                out.append(name + b": " + value + b"\r\n")
-                continue
-            if tag == _H_CL:
-                ex.req_length = int(value)
-                out.append(b"Content-Length: " + value + b"\r\n")
-            elif tag == _H_TE:
-                te = value if not te else te + b"," + value
-            elif tag == _H_CONN:
-                tokens = wire.connection_tokens(value)
-                if tokens:
-                    drop = tokens if drop is None else drop + tokens
-            elif tag == _H_HOST:
-                hosts += 1
-                host = value
-            elif tag == _H_VIA:
-                via = value if not via else via + b", " + value
-            elif tag == _H_XFF:
-                xff = value if not xff else xff + b", " + value
-            elif tag == _H_UPGRADE:
-                upgrade = value
-        if hosts != 1 and (hosts or ex.http11):
-            # RFC 9112 §3.2: exactly one Host in HTTP/1.1 (at most one in 1.0).
-            self._reject(400, "bad_host", "more than one Host header" if hosts else "HTTP/1.1 request without Host")
-        if hosts and not wire.valid_host(host):
-            self._reject(400, "bad_host", f"Host is not a valid host[:port]: {host.decode('latin-1')!r}")
-        if url[:1] != b"/":
-            target = wire.origin_form(method, url)
-            if target is None:
-                self._reject(
-                    400,
-                    "bad_request",
-                    "request target must be a path (/...), an absolute http URL, or * for OPTIONS",
-                )
-            elif target[0] != url:
-                # Absolute-form: the pod gets origin-form and the authority as Host (RFC 9112 §3.2.2).
-                url, host = target
-                hosts = 1
-                ex.url = out[2] = url
-        if te:
-            if not ex.http11:
-                self._reject(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
-            codings = wire.request_codings(te)
-            if codings is None:
-                self._reject(400, "bad_request", "Transfer-Encoding must end in chunked, once")
-            te = codings
-            ex.req_chunked = True
-        if (ex.req_length > 0 or ex.req_chunked) and (method == b"GET" or method == b"HEAD") and rt.reject_get_body:
-            # Servers disagree on whether such a body exists: one that ignores
-            # it reads it as the next request.
-            self._reject(
-                400, "bad_request", f'{method.decode()} with a body (set proxy.get_body = "forward" to allow it)'
-            )
-        if keys > 1:
-            self._reject(400, "duplicate_key", f"more than one {rt.settings.proxy.key_header} header")
-        if drop:
-            drop_set = set(drop) - {b"content-length", b"host", b"transfer-encoding"}
-            out = wire.drop_named(out, 4, drop_set)
-        if via and rt.via_lower in via.lower() and wire.via_names(via, rt.via_lower):
-            self._error(
-                ex,
-                508,
-                "loop_detected",
-                f"request already passed through {rt.settings.proxy.via} (Via: {via.decode('latin-1')})",
-            )
+        h = rewrite_request(
+            parser.get_method(),
+            ex.url,
+            parser.get_http_version(),
+            parser.should_keep_alive(),
+            parser.should_upgrade(),
+            ex.headers,
+            rt.request_policy,
+            self.peer,
+        )
+        ex.method = h.method
+        ex.url = h.url
+        ex.http11 = h.http11
+        ex.keep_alive = h.keep_alive
+        ex.close_after = h.close_after
+        ex.req_length = h.req_length
+        ex.req_chunked = h.chunked
+        ex.upgrade = h.upgrade
+        ex.body_left = h.body_left
+        if h.reject is not None:
+            self._reject(*h.reject)
+        if h.refuse is not None:
+            self._error(ex, *h.refuse)
             return
-        if ex.req_length > 0 or ex.req_chunked:
-            limit = rt.max_body_bytes
-            if limit and ex.req_length > limit:
-                self._error(ex, 413, "body_too_large", f"request body of {ex.req_length} bytes exceeds {limit}")
-                return
-        if key is not None and not key and not rt.allow_empty_key:
-            key = None
+        key = h.key
         if rt.access_log_keys:
             ex.key = key
         table = rt.table
@@ -435,31 +333,11 @@ class ClientProtocol(asyncio.Protocol):
                 return
             route = fixed
         ex.route = route
-        if not hosts:
+        if h.host_given:
+            ex.head = h.head  # the X-Keyroute-* tag and the blank line follow at dispatch
+        else:
             pod = route.pod
-            host = b"%s:%d" % (pod.host.encode(), pod.port)
-        out.insert(4, b"Host: " + host + b"\r\n")
-        if te:
-            out.append(b"Transfer-Encoding: " + te + b"\r\n")
-        if parser.should_upgrade() and upgrade:
-            if ex.req_chunked:
-                self._reject(400, "bad_request", "an Upgrade request with a chunked body is not supported")
-            if ex.req_length > 0:
-                # The parser hands a body of an Upgrade request over as the
-                # new protocol's bytes: count it out ourselves, forward the
-                # request without the upgrade, and end the connection after.
-                ex.body_left = ex.req_length
-                ex.close_after = True
-            else:
-                ex.upgrade = True
-                out.append(b"Connection: upgrade\r\nUpgrade: " + upgrade + b"\r\n")
-        version_token = b"1.1 " if ex.http11 else b"1.0 "
-        out.append(b"Via: " + (via + b", " if via else b"") + version_token + rt.via_token + b"\r\n")
-        out.append(b"X-Forwarded-For: " + (xff + b", " if xff else b"") + self.peer + b"\r\n")
-        out.append(b"X-Forwarded-Proto: http\r\n")
-        if host:
-            out.append(b"X-Forwarded-Host: " + host + b"\r\n")
-        ex.head = b"".join(out)  # the X-Keyroute-* tag and the blank line follow at dispatch
+            ex.head = h.head + b"Host: %s:%d\r\n" % (pod.host.encode(), pod.port)
         ex.pending = []
         ex.started = self.loop.time()
         if ex is self.exchange:

@@ -1,0 +1,190 @@
+"""The request-head rewrite on its own (proxy/http1/heads.py): hypothesis
+heads of every header-name class, through llhttp as the proxy parses them,
+then the invariants of what reaches the pod, checked by parsing the output
+with llhttp again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httptools
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from proxy.http1 import wire
+from proxy.http1.heads import RequestHead, RequestPolicy, rewrite_request
+
+POLICY = RequestPolicy()
+CONTROLLED = {b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade", b"via"}
+
+
+class _Collect:
+    """httptools callbacks: what ClientProtocol keeps of a request head."""
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.done = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.done:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.done = True
+
+
+def parse_head(raw: bytes) -> tuple[Any, _Collect] | None:
+    """Parse a request head as the proxy does (same leniencies); None if llhttp refuses it."""
+    got = _Collect()
+    parser = httptools.HttpRequestParser(got)
+    parser.set_dangerous_leniencies(lenient_version=True, lenient_spaces_after_chunk_size=True)
+    try:
+        parser.feed_data(raw)
+    except httptools.HttpParserUpgrade:
+        pass
+    except httptools.HttpParserError:
+        return None
+    return (parser, got) if got.done else None
+
+
+def rewrite(raw: bytes, policy: RequestPolicy = POLICY) -> RequestHead | None:
+    parsed = parse_head(raw)
+    if parsed is None:
+        return None
+    parser, got = parsed
+    return rewrite_request(
+        parser.get_method(),
+        got.url,
+        parser.get_http_version(),
+        parser.should_keep_alive(),
+        parser.should_upgrade(),
+        got.headers,
+        policy,
+        b"127.0.0.1",
+    )
+
+
+def casing(name: str) -> st.SearchStrategy[str]:
+    return st.lists(st.booleans(), min_size=len(name), max_size=len(name)).map(
+        lambda ups: "".join(c.upper() if u else c.lower() for c, u in zip(name, ups, strict=True))
+    )
+
+
+NAMES = st.one_of(
+    st.sampled_from(
+        [
+            "Content-Length",
+            "Transfer-Encoding",
+            "Host",
+            "Connection",
+            "Upgrade",
+            "Keep-Alive",
+            "TE",
+            "Trailer",
+            "Proxy-Connection",
+            "Via",
+            "X-Forwarded-For",
+            "X-Forwarded-Host",
+            "X-Forwarded-Proto",
+            "X-Keyroute-Epoch",
+            "X-Keyroute-Role",
+            "X-Routing-Key",
+            "Transfer_Encoding",
+            "Content__Length",
+            "X_Routing_Key",
+            "X-Custom",
+            "Accept",
+        ]
+    ).flatmap(casing),
+    st.from_regex(r"[A-Za-z][A-Za-z0-9_-]{0,12}", fullmatch=True),
+)
+VALUES = st.one_of(
+    st.sampled_from(
+        ["0", "5", "chunked", "gzip, chunked", "close", "keep-alive, x-custom", "upgrade", "websocket", "t", "a:80", ""]
+    ),
+    st.from_regex(r"[ -~]{0,40}", fullmatch=True).map(str.strip),
+    st.text(alphabet=st.characters(min_codepoint=0x80, max_codepoint=0xFF), max_size=8),
+)
+HEADERS = st.lists(st.tuples(NAMES, VALUES), max_size=12)
+LINES = st.tuples(
+    st.sampled_from(["GET", "HEAD", "POST", "PUT", "OPTIONS", "DELETE"]),
+    st.sampled_from(["/", "/a?b=c", "*", "http://h.example/x", "HTTP://h:8/", "x"]),
+    st.sampled_from(["1.1", "1.1", "1.0", "1.2", "2.0"]),
+)
+
+
+def build(line: tuple[str, str, str], headers: list[tuple[str, str]]) -> bytes:
+    method, target, version = line
+    head = f"{method} {target} HTTP/{version}\r\n".encode()
+    for name, value in headers:
+        head += name.encode() + b": " + value.encode("latin-1") + b"\r\n"
+    return head + b"\r\n"
+
+
+@settings(max_examples=400, deadline=None)
+@given(LINES, HEADERS)
+def test_what_reaches_the_pod_is_one_unambiguous_request(
+    line: tuple[str, str, str], headers: list[tuple[str, str]]
+) -> None:
+    raw = build(line, headers)
+    h = rewrite(raw)
+    assume(h is not None)
+    assert h is not None
+    if h.reject is not None or h.refuse is not None:
+        status = (h.reject or h.refuse or (0,))[0]
+        assert 400 <= status < 600
+        return
+    out = h.head + (b"" if h.host_given else b"Host: 10.0.0.1:80\r\n") + b"X-Keyroute-Pod: p\r\n\r\n"
+    parsed = parse_head(out)
+    assert parsed is not None, out  # llhttp reads it back
+    parser, got = parsed
+    assert parser.get_http_version() == "1.1" and parser.get_method() == h.method
+    assert got.url == h.url and (got.url[:1] == b"/" or got.url == b"*")
+    names = [n.lower() for n, _ in got.headers]
+    assert names.count(b"host") == 1
+    assert names.count(b"content-length") <= 1
+    assert not (b"content-length" in names and b"transfer-encoding" in names)
+    for hop in wire.HOP_BY_HOP - {b"transfer-encoding", b"connection", b"upgrade"}:
+        assert hop not in names
+    if h.chunked:
+        (te,) = [v for n, v in got.headers if n.lower() == b"transfer-encoding"]
+        assert te.split(b", ")[-1] == b"chunked" and te.count(b"chunked") == 1
+    else:
+        assert b"transfer-encoding" not in names
+    assert [n for n in names if n.startswith(b"x-keyroute-")] == [b"x-keyroute-pod"]
+    assert not [n for n in names if (b"_" in n or b"--" in n) and wire.lookalike(n, POLICY.key_name)]
+    assert names.count(b"x-routing-key") <= 1
+    via = [v for n, v in got.headers if n.lower() == b"via"]
+    assert len(via) == 1 and via[0].endswith(b" keyroute")
+    assert (b"upgrade" in names) == h.upgrade
+    # The key is the client's, unchanged (or absent).
+    sent_keys = [v.encode("latin-1") for n, v in headers if n.lower() == "x-routing-key"]
+    if h.key is not None:
+        assert sent_keys == [h.key]
+
+
+@given(LINES, HEADERS)
+def test_rewrite_is_a_function_of_its_input(line: tuple[str, str, str], headers: list[tuple[str, str]]) -> None:
+    raw = build(line, headers)
+    first, second = rewrite(raw), rewrite(raw)
+    assume(first is not None)
+    assert first is not None and second is not None
+    assert first.facts() == second.facts()
+
+
+def test_examples() -> None:
+    h = rewrite(b"GET http://a.example:8/p?q HTTP/1.1\r\nHost: other\r\nX-Routing-Key: k\r\n\r\n")
+    assert h is not None and h.reject is None and h.host_given and h.key == b"k"
+    assert h.head.startswith(b"GET /p?q HTTP/1.1\r\nHost: a.example:8\r\n")
+    h = rewrite(b"GET / HTTP/1.0\r\nX-Routing-Key: k\r\n\r\n")
+    assert h is not None and not h.host_given and b"Host:" not in h.head and not h.http11
+    h = rewrite(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert h is not None and h.chunked and b"Transfer-Encoding: gzip, chunked\r\n" in h.head
+    h = rewrite(b"GET / HTTP/1.1\r\nHost: t\r\nVia: 1.1 keyroute\r\n\r\n")
+    assert h is not None and h.refuse is not None and h.refuse[1] == "loop_detected"
+    h = rewrite(b"GET / HTTP/2.0\r\nHost: t\r\n\r\n")
+    assert h is not None and h.reject is not None and h.reject[0] == 505
