@@ -125,43 +125,99 @@ def _parse_pod_arg(text: str) -> tuple[str, str, float, str]:
     return pid, url, weight, state
 
 
+# ``gen --from`` refuses a change that moves more of the key space than this
+# unless ``--force``: a slip such as a pod list typed short must not reshuffle
+# every key.
+MAX_MOVED_SHARE = 0.5
+
+
+def _gen_pods(args: argparse.Namespace, old: core.Assignment | None) -> list[tuple[str, str, float, str]]:
+    """The new table's pods: ``--pod`` alone, or OLD's pods with ``--pod``
+    added or updated and ``--remove``/``--drain``/``--undrain`` applied."""
+    given = [_parse_pod_arg(p) for p in args.pod]
+    if old is None:
+        for flag, ids in (("--remove", args.remove), ("--undrain", args.undrain)):
+            if ids:
+                raise UsageError(f"{flag} {ids[0]!r}: needs --from OLD (a new table has only the pods given)")
+        if not given:
+            raise UsageError("gen: give at least one --pod id=url, or --from OLD")
+        specs = given
+    else:
+        pods = {p.id: (p.id, p.url, p.weight, p.state) for p in old.pods.values()}
+        for spec in given:
+            pods[spec[0]] = spec  # added, or updated in place (url, weight, state)
+        for pid in args.remove:
+            if pid not in pods:
+                raise UsageError(f"--remove {pid!r}: no such pod (pods: {', '.join(pods)})")
+            if any(pid == spec[0] for spec in given):
+                raise UsageError(f"--remove {pid!r}: also given with --pod; remove it or keep it")
+            del pods[pid]
+        specs = list(pods.values())
+    for flag, ids, state in (("--drain", args.drain, "draining"), ("--undrain", args.undrain, "active")):
+        for pid in ids:
+            for i, s in enumerate(specs):
+                if s[0] == pid:
+                    specs[i] = (s[0], s[1], s[2], state)
+                    break
+            else:
+                raise UsageError(f"{flag} {pid!r}: no such pod (pods: {', '.join(s[0] for s in specs)})")
+    return specs
+
+
+def _pod_changes(old: core.Assignment, new: core.Assignment) -> list[str]:
+    """One line per pod added, removed, drained, undrained or changed."""
+    lines = []
+    for pid, pod in new.pods.items():
+        was = old.pods.get(pid)
+        if was is None:
+            extra = f", weight {pod.weight:g}" if pod.weight != 1.0 else ""
+            lines.append(f"added: {pid} ({pod.url}{extra}{', draining' if not pod.active else ''})")
+            continue
+        if was.active != pod.active:
+            lines.append(f"{'undrained' if pod.active else 'drained'}: {pid}")
+        if was.url != pod.url:
+            lines.append(f"changed: {pid} url {was.url} -> {pod.url}")
+        if was.weight != pod.weight:
+            lines.append(f"changed: {pid} weight {was.weight:g} -> {pod.weight:g}")
+    lines.extend(f"removed: {pid} ({pod.url})" for pid, pod in old.pods.items() if pid not in new.pods)
+    return lines
+
+
 def cmd_gen(args: argparse.Namespace, out: TextIO) -> int:
     if args.slices is not None and not 1 <= args.slices <= core.MAX_SLICE_COUNT:
         raise UsageError(f"--slices {args.slices}: expected 1 to {core.MAX_SLICE_COUNT}")
     if args.generation is not None and not 1 <= args.generation <= core.MAX_POSITION:
         raise UsageError(f"--generation {args.generation}: expected a positive integer (Unix ms work well)")
+    if args.from_ and args.slices is not None:
+        raise UsageError("gen: --slices cannot be combined with --from (slices are kept from OLD)")
     old = _table(args.from_) if args.from_ else None
-    specs = [_parse_pod_arg(p) for p in args.pod]
-    if not specs:
-        if old is None:
-            raise UsageError("gen: give at least one --pod id=url, or --from OLD")
-        specs = [(p.id, p.url, p.weight, p.state) for p in old.pods.values()]
-    for drain in args.drain:
-        for i, s in enumerate(specs):
-            if s[0] == drain:
-                specs[i] = (s[0], s[1], s[2], "draining")
-                break
-        else:
-            raise UsageError(f"--drain {drain!r}: no such pod (pods: {', '.join(s[0] for s in specs)})")
-    pods = core.make_pods(specs)
+    pods = core.make_pods(_gen_pods(args, old))
     now_ms = int(time.time() * 1000)
     if old is None:
         generation = args.generation or now_ms
         new = core.generate(generation, pods, args.slices or core.DEFAULT_SLICE_COUNT)
+        moved = None
     else:
-        if args.slices is not None:
-            raise UsageError("gen: --slices cannot be combined with --from (slices are kept from OLD)")
         generation = args.generation or max(now_ms, old.generation + 1)
         new = core.evolve(old, pods, generation, rebalance=args.rebalance)
-    data = new.dumps(explicit=True)
+        moved = core.moved_share(old, new)
+        if moved > MAX_MOVED_SHARE and not args.force:
+            changes = "; ".join(_pod_changes(old, new)) or "no pod changed"
+            raise UsageError(
+                f"this change would move {_pct(moved)} of the key space, more than half ({changes}); "
+                f"nothing written. Check the pods, or add --force to move that much"
+            )
+    data = new.dumps(explicit=True, compact=not args.explicit)
     if args.out:
         _atomic_write(args.out, data)
     else:
         sys.stdout.buffer.write(data) if out is sys.stdout else out.write(data.decode())
     report = sys.stderr if not args.out else out
     print(f"generation {new.generation}, {new.slice_count} slices, {len(pods)} pods", file=report)
-    if old is not None:
-        print(f"moved: {_pct(core.moved_share(old, new))} of the key space", file=report)
+    if old is not None and moved is not None:
+        for line in _pod_changes(old, new):
+            print(line, file=report)
+        print(f"moved: {_pct(moved)} of the key space", file=report)
     for pid, share in new.shares().items():
         print(f"  {pid}: {_pct(share)}", file=report)
     return 0
@@ -254,13 +310,23 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--json", action="store_true", help="machine-readable output")
     lk.set_defaults(func=cmd_lookup)
 
-    g = sub.add_parser("gen", help="write an explicit table")
-    g.add_argument("--pod", action="append", default=[], metavar="ID=URL[,weight=N]")
+    g = sub.add_parser("gen", help="write a table (new, or the next one from OLD)")
+    g.add_argument(
+        "--pod",
+        action="append",
+        default=[],
+        metavar="ID=URL[,weight=N][,state=draining]",
+        help="a pod; with --from, added to OLD's pods or updating the one of that id",
+    )
     g.add_argument("--from", dest="from_", metavar="OLD", help="evolve OLD, moving as little as possible")
+    g.add_argument("--remove", action="append", default=[], metavar="ID", help="with --from: remove a pod")
     g.add_argument("--drain", action="append", default=[], metavar="ID", help="mark a pod draining")
+    g.add_argument("--undrain", action="append", default=[], metavar="ID", help="with --from: mark a pod active")
     g.add_argument("--rebalance", action="store_true", help="with --from: also move slices to reach fair shares")
+    g.add_argument("--force", action="store_true", help="with --from: allow moving more than half of the key space")
     g.add_argument("--slices", type=int, help=f"slice count (default {core.DEFAULT_SLICE_COUNT})")
     g.add_argument("--generation", type=int, help="generation (default: now in ms, above OLD's)")
+    g.add_argument("--explicit", action="store_true", help="write one object per slice (default: the compact form)")
     g.add_argument("--out", "-o", help="write here atomically (default: stdout)")
     g.set_defaults(func=cmd_gen)
 
