@@ -22,8 +22,9 @@
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
 # ---- build: the keyroute wheel, installed with its dependencies into a venv.
-# Every dependency ships binary wheels for this base, so no compiler is needed
-# here either; the final image gets the venv and nothing else from this stage.
+# Every dependency ships binary wheels for this base; gcc is here only to
+# compile keyroute's own fast path (Cython), and the final image gets the venv
+# and nothing else from this stage (no compiler).
 # constraints.txt pins the build backend and every dependency to an exact
 # version (PIP_CONSTRAINT applies it to each pip call here), so a rebuild
 # installs the same versions; the backend is installed first and the wheel
@@ -37,11 +38,16 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PIP_CONSTRAINT=/src/constraints.txt
 WORKDIR /src
-COPY pyproject.toml README.md constraints.txt ./
+# The compiler for the fast path; the stage is thrown away, so no version pins.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml setup.py README.md constraints.txt ./
 COPY proxy/ proxy/
-# setuptools' version comes from constraints.txt (PIP_CONSTRAINT), hence no pin here.
+# setuptools' and Cython's versions come from constraints.txt (PIP_CONSTRAINT), hence no pins here.
 # hadolint ignore=DL3013
-RUN python -m pip install --no-deps setuptools \
+RUN python -m pip install --no-deps setuptools cython \
     && python -m pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
     && python -m venv /opt/keyroute \
     && /opt/keyroute/bin/pip install /wheels/keyroute-*.whl \
@@ -50,7 +56,8 @@ WORKDIR /
 RUN /opt/keyroute/bin/python -c "import importlib, pathlib; src = pathlib.Path('/src'); \
 [importlib.import_module('.'.join(p.relative_to(src).with_suffix('').parts).removesuffix('.__init__')) \
  for p in src.glob('proxy/**/*.py') if p.name != '__main__.py']" \
-    && /opt/keyroute/bin/keyroute --help > /dev/null
+    && /opt/keyroute/bin/keyroute --help > /dev/null \
+    && /opt/keyroute/bin/python -c "import proxy.native as n; assert n.ACTIVE, n.WHY_NOT"
 
 # ---- final: slim Python, the venv, a non-root user.
 FROM ${PYTHON_IMAGE}

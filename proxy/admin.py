@@ -22,7 +22,7 @@ import orjson
 from aiohttp import web
 
 from . import assignment as core
-from . import reload, workers
+from . import native, reload, workers
 from .reload import follow
 from .sources import judge, verdict_kind
 from .sources.http import read_body
@@ -48,7 +48,7 @@ def _error(status: int, error: str, detail: str, rt: Runtime) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
+    return _json({"status": "ok", "native": native.ACTIVE, "native_off_because": native.WHY_NOT or None})
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -397,6 +397,7 @@ class RuntimeCollector(Collector):
             ("workers", "Live worker processes."),
             ("pods_ejected", "Pods ejected now (summed over workers)."),
             ("panic", "Workers in panic mode (too many pods ejected: routing as if all were healthy)."),
+            ("native", "Workers running the compiled fast path (0: the pure-Python path)."),
         ):
             g = GaugeMetricFamily(f"keyroute_{name}", help_text)
             g.add_metric([], len(gauge_sets) if name == "workers" else sum(gs.get(name, 0) for gs in gauge_sets))

@@ -10,6 +10,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from . import native
 from .assignment import Assignment, Pod
 from .config import Settings
 from .health import Health
@@ -112,6 +113,7 @@ class Runtime:
             "client_connections": len(self.connections),
             "pool_idle_connections": sum(len(p.idle) for p in self.upstreams.pools.values()),
             "workers": 1,
+            "native": 1 if native.ACTIVE else 0,
             "pods_ejected": sum(1 for p in self.health.pods if self.health.ejected(p, self.loop.time())),
             "panic": 1 if self.health.panic_now(self.loop.time()) else 0,
             "ejections": self.health.ejections_total,

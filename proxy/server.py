@@ -14,6 +14,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from . import native
 from .assignment import Assignment
 from .config import Settings
 from .health import probe_loop
@@ -144,6 +145,10 @@ def main(settings: Settings) -> int:
     check_accelerators()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     plain_json_access_log()
+    if native.ACTIVE:
+        log.info("compiled fast path in use")
+    else:
+        log.warning("compiled fast path not in use: %s; running on the pure-Python path", native.WHY_NOT)
     try:
         # Taken before the read: a change after it is read again by the source.
         known = sources.initial_identity(settings.assignment.source)

@@ -5,12 +5,14 @@ with llhttp again."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import httptools
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from proxy.http1 import heads as heads_module
 from proxy.http1 import wire
 from proxy.http1.heads import RequestHead, RequestPolicy, rewrite_request
 
@@ -188,3 +190,51 @@ def test_examples() -> None:
     assert h is not None and h.refuse is not None and h.refuse[1] == "loop_detected"
     h = rewrite(b"GET / HTTP/2.0\r\nHost: t\r\n\r\n")
     assert h is not None and h.reject is not None and h.reject[0] == 505
+
+
+POLICIES = st.builds(
+    RequestPolicy,
+    get_body=st.sampled_from(["reject", "forward"]),
+    allow_empty_key=st.booleans(),
+    max_header_bytes=st.sampled_from([1024, 65536]),
+    max_body_bytes=st.sampled_from([0, 3, 100]),
+    via=st.sampled_from(["keyroute", "edge"]),
+    key_header=st.sampled_from(["X-Routing-Key", "X-Tenant"]),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(LINES, HEADERS, POLICIES)
+def test_compiled_twin_gives_identical_bytes_and_facts(
+    line: tuple[str, str, str], headers: list[tuple[str, str]], policy: RequestPolicy
+) -> None:
+    # The compiled twin is built by `pip install -e .` (CI builds it); a
+    # missing build fails here rather than passing unnoticed.
+    from proxy.http1 import _cheads, heads
+
+    parsed = parse_head(build(line, headers))
+    assume(parsed is not None)
+    assert parsed is not None
+    parser, got = parsed
+    args = (
+        parser.get_method(),
+        got.url,
+        parser.get_http_version(),
+        parser.should_keep_alive(),
+        parser.should_upgrade(),
+        got.headers,
+        policy,
+        b"10.1.2.3",
+    )
+    assert _cheads.rewrite_request(*args).facts() == heads.rewrite_request(*args).facts()
+
+
+def test_native_path_is_the_one_in_use_unless_turned_off() -> None:
+    from proxy import native
+
+    if os.environ.get(native.NO_EXTENSIONS_ENV):
+        assert native.ACTIVE is False and native.rewrite_request is heads_module.rewrite_request
+        assert native.NO_EXTENSIONS_ENV in native.WHY_NOT
+    else:
+        assert native.ACTIVE is True and native.WHY_NOT == ""
+        assert native.rewrite_request.__module__ == "proxy.http1._cheads"

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
 import orjson
 
-from .conftest import EchoPods, ProxyFactory, connect, parse_metrics, table_for, wait_for
+from .conftest import EchoPods, ProxyFactory, connect, free_port, parse_metrics, table_for, wait_for
 from .test_config import SERVICE_LINKS
 from .test_process import run_proxy, write_table
 
@@ -145,3 +146,37 @@ async def test_access_log_is_one_json_object_per_line(tmp_path: Path, echo_pods:
     assert first["id"] != access[1]["id"] and isinstance(first["ts"], float)
     # Every other stderr line is a plain log line with its prefix, not JSON.
     assert all(not line.startswith("{") for line in err.splitlines() if "keyroute " in line)
+
+
+async def test_healthz_and_metrics_say_which_path_runs(tmp_path: Path, echo_pods: EchoPods) -> None:
+    pod = await echo_pods("pod-a")
+    table = tmp_path / "table.json"
+    write_table(table, [(pod.id, pod.port)])
+    for off in (False, True):
+        admin = free_port()
+        env = {"KEYROUTE_NO_EXTENSIONS": "1"} if off else {}
+        with run_proxy(table, "--admin", f"127.0.0.1:{admin}", env=env) as px:
+            await wait_for(lambda port=admin: _answers(port), what="the admin listener")
+            health = orjson.loads(await asyncio.to_thread(_get, admin, "/-/healthz"))
+            metrics = parse_metrics(await asyncio.to_thread(_get, admin, "/metrics"))
+            px.proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(px.proc.wait, 30)
+            err = px.stderr()
+        assert health["native"] is (not off) and metrics["keyroute_native"] == (0 if off else 1)
+        if off:
+            assert "KEYROUTE_NO_EXTENSIONS" in health["native_off_because"]
+            assert "pure-Python path" in err
+        else:
+            assert "compiled fast path in use" in err
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _get(port: int, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+        return str(r.read().decode())

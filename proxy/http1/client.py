@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import httptools
 import orjson
 
+from .. import native
 from ..assignment import Pod
 from . import wire
 from .exchange import Exchange
-from .heads import rewrite_request
 from .upstream import Pool, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -285,7 +285,7 @@ class ClientProtocol(asyncio.Protocol):
         ex.head_done = True
         rt = self.runtime
         parser = self.parser
-        h = rewrite_request(
+        h = native.rewrite_request(
             parser.get_method(),
             ex.url,
             parser.get_http_version(),

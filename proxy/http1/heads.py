@@ -13,8 +13,6 @@ X-Forwarded-* appended. Anything it cannot make unambiguous is refused.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from . import wire
 
 # Request headers that get special handling (lower-case name -> tag).
@@ -126,7 +124,7 @@ def rewrite_request(
     version: str,
     keep_alive: bool,
     upgrading: bool,
-    headers: Sequence[tuple[bytes, bytes]],
+    headers: list[tuple[bytes, bytes]],
     policy: RequestPolicy,
     peer: bytes,
 ) -> RequestHead:
@@ -205,7 +203,7 @@ def rewrite_request(
             h.reject = (
                 400,
                 "bad_request",
-                "request target must be a path (/...), an absolute http URL, or * for OPTIONS",
+                "request target must be a path, an absolute http URL, or * for OPTIONS",
             )
             return h
         if target[0] != url:

@@ -1,0 +1,12 @@
+from .heads import RequestHead, RequestPolicy
+
+def rewrite_request(
+    method: bytes,
+    url: bytes,
+    version: str,
+    keep_alive: bool,
+    upgrading: bool,
+    headers: list[tuple[bytes, bytes]],
+    policy: RequestPolicy,
+    peer: bytes,
+) -> RequestHead: ...

@@ -1,0 +1,194 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Compiled twin of ``heads.rewrite_request``: the same head in, the same
+bytes and facts out (tests/test_heads.py holds the two to that), with the
+per-header loop in C. ``heads.py`` stays the reference and the fallback
+(``KEYROUTE_NO_EXTENSIONS=1``)."""
+
+from . import wire
+from .heads import RequestHead
+
+cdef dict _SPECIAL = {}
+cdef int _H_DROP = 0, _H_CL = 1, _H_TE = 2, _H_CONN = 3, _H_VIA = 4, _H_XFF = 5, _H_HOST = 6, _H_UPGRADE = 7, _H_XF = 8
+for _name in wire.HOP_BY_HOP:
+    _SPECIAL[_name] = _H_DROP
+_SPECIAL.update(
+    {
+        b"content-length": _H_CL,
+        b"transfer-encoding": _H_TE,
+        b"connection": _H_CONN,
+        b"via": _H_VIA,
+        b"x-forwarded-for": _H_XFF,
+        b"host": _H_HOST,
+        b"upgrade": _H_UPGRADE,
+        b"x-forwarded-proto": _H_XF,
+        b"x-forwarded-host": _H_XF,
+    }
+)
+cdef frozenset _NEVER_DROPPED = frozenset({b"content-length", b"host", b"transfer-encoding"})
+cdef bytes _CRLF = b"\r\n"
+cdef bytes _SEP = b": "
+
+
+cdef inline bint _maybe_lookalike(bytes lname):
+    return b"_" in lname or b"--" in lname
+
+
+def rewrite_request(
+    bytes method,
+    bytes url,
+    str version,
+    bint keep_alive,
+    bint upgrading,
+    list headers,
+    object policy,
+    bytes peer,
+):
+    """See ``heads.rewrite_request``."""
+    h = RequestHead(method, url)
+    cdef Py_ssize_t size = len(url)
+    cdef tuple pair
+    cdef bytes name, value, lname
+    for pair in headers:
+        size += len(<bytes>pair[0]) + len(<bytes>pair[1]) + 4
+    cdef Py_ssize_t max_head = policy.max_header_bytes
+    if size > max_head:
+        h.reject = (431, "headers_too_large", f"request head exceeds {max_head} bytes")
+        return h
+    cdef bint http11 = True
+    if version != "1.1":
+        if version[0] != "1":
+            h.reject = (505, "version_not_supported", f"HTTP/{version} is not supported; use HTTP/1.1")
+            return h
+        http11 = version != "1.0"
+        h.http11 = http11
+    h.keep_alive = keep_alive
+    h.close_after = upgrading
+    if method == b"CONNECT":
+        h.reject = (405, "method_not_allowed", "CONNECT is not supported by a reverse proxy")
+        return h
+    cdef bytes key_name = policy.key_name
+    cdef object key = None
+    cdef int keys = 0
+    cdef bytes te = b""
+    cdef int hosts = 0
+    cdef bytes host = b""
+    cdef bytes via = b""
+    cdef bytes xff = b""
+    cdef bytes upgrade = b""
+    cdef object drop = None
+    cdef object req_length = -1  # a Python int: llhttp allows up to 2**64 - 1
+    cdef bint chunked = False
+    cdef list out = [method, b" ", url, b" HTTP/1.1\r\n"]
+    cdef dict special = _SPECIAL
+    cdef object tag_obj
+    cdef int tag
+    for pair in headers:
+        name = <bytes>pair[0]
+        value = <bytes>pair[1]
+        lname = name.lower()
+        if lname == key_name:
+            keys += 1
+            key = value
+        tag_obj = special.get(lname)
+        if tag_obj is None:
+            if lname.startswith(b"x-keyroute-"):
+                continue
+            if _maybe_lookalike(lname) and wire.lookalike(lname, key_name):
+                continue
+            out.append(name + _SEP + value + _CRLF)
+            continue
+        tag = <int>tag_obj
+        if tag == _H_CL:
+            req_length = int(value)
+            out.append(b"Content-Length: " + value + _CRLF)
+        elif tag == _H_TE:
+            te = value if not te else te + b"," + value
+        elif tag == _H_CONN:
+            tokens = wire.connection_tokens(value)
+            if tokens:
+                drop = tokens if drop is None else drop + tokens
+        elif tag == _H_HOST:
+            hosts += 1
+            host = value
+        elif tag == _H_VIA:
+            via = value if not via else via + b", " + value
+        elif tag == _H_XFF:
+            xff = value if not xff else xff + b", " + value
+        elif tag == _H_UPGRADE:
+            upgrade = value
+    h.req_length = req_length
+    if hosts != 1 and (hosts or http11):
+        h.reject = (400, "bad_host", "more than one Host header" if hosts else "HTTP/1.1 request without Host")
+        return h
+    if hosts and not wire.valid_host(host):
+        h.reject = (400, "bad_host", f"Host is not a valid host[:port]: {host.decode('latin-1')!r}")
+        return h
+    if url[:1] != b"/":
+        target = wire.origin_form(method, url)
+        if target is None:
+            h.reject = (400, "bad_request", "request target must be a path, an absolute http URL, or * for OPTIONS")
+            return h
+        if target[0] != url:
+            url, host = target
+            hosts = 1
+            h.url = url
+            out[2] = url
+    if te:
+        if not http11:
+            h.reject = (400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
+            return h
+        codings = wire.request_codings(te)
+        if codings is None:
+            h.reject = (400, "bad_request", "Transfer-Encoding must end in chunked, once")
+            return h
+        te = codings
+        chunked = True
+        h.chunked = True
+    if (req_length > 0 or chunked) and (method == b"GET" or method == b"HEAD") and policy.reject_get_body:
+        h.reject = (400, "bad_request", f'{method.decode()} with a body (set proxy.get_body = "forward" to allow it)')
+        return h
+    if keys > 1:
+        h.reject = (400, "duplicate_key", f"more than one {policy.key_label} header")
+        return h
+    cdef bint upgrade_on = False
+    if upgrading and upgrade:
+        if chunked:
+            h.reject = (400, "bad_request", "an Upgrade request with a chunked body is not supported")
+            return h
+        if req_length > 0:
+            h.body_left = req_length
+        else:
+            upgrade_on = True
+            h.upgrade = True
+    if drop:
+        out = wire.drop_named(out, 4, set(drop) - _NEVER_DROPPED)
+    cdef bytes via_lower = policy.via_lower
+    if via and via_lower in via.lower() and wire.via_names(via, via_lower):
+        h.refuse = (
+            508,
+            "loop_detected",
+            f"request already passed through {policy.via_label} (Via: {via.decode('latin-1')})",
+        )
+        return h
+    cdef object limit = policy.max_body_bytes
+    if limit and req_length > limit:
+        h.refuse = (413, "body_too_large", f"request body of {req_length} bytes exceeds {limit}")
+        return h
+    if key is not None and not key and not policy.allow_empty_key:
+        key = None
+    h.key = key
+    if hosts:
+        h.host_given = True
+        out.insert(4, b"Host: " + host + _CRLF)
+    if te:
+        out.append(b"Transfer-Encoding: " + te + _CRLF)
+    if upgrade_on:
+        out.append(b"Connection: upgrade\r\nUpgrade: " + upgrade + _CRLF)
+    cdef bytes received = (b"1.1 " if http11 else b"1.0 ") + <bytes>policy.via_token
+    out.append(b"Via: " + (via + b", " if via else b"") + received + _CRLF)
+    out.append(b"X-Forwarded-For: " + (xff + b", " if xff else b"") + peer + _CRLF)
+    out.append(b"X-Forwarded-Proto: http\r\n")
+    if hosts:
+        out.append(b"X-Forwarded-Host: " + host + _CRLF)
+    h.head = b"".join(out)
+    return h

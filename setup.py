@@ -1,0 +1,43 @@
+"""Builds the optional compiled fast path (Cython). Everything else is in
+pyproject.toml. If Cython or a C compiler is missing, or the build fails,
+keyroute installs without it and runs on the pure-Python path (it says so
+at startup, in /-/healthz and as keyroute_native 0)."""
+
+import os
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+EXTENSIONS = [Extension("proxy.http1._cheads", ["proxy/http1/_cheads.pyx"])]
+
+
+class OptionalBuildExt(build_ext):
+    """A failed compile is a warning, not a failed install."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as exc:  # noqa: BLE001 - any compiler or toolchain failure
+            print(f"keyroute: the compiled fast path was not built ({exc}); the pure-Python path will be used",
+                  file=sys.stderr)
+
+    def build_extension(self, ext: Extension) -> None:
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # noqa: BLE001
+            print(f"keyroute: {ext.name} was not built ({exc}); the pure-Python path will be used", file=sys.stderr)
+
+
+def extensions() -> list[Extension]:
+    if os.environ.get("KEYROUTE_NO_EXTENSIONS"):
+        return []
+    try:
+        from Cython.Build import cythonize
+    except ImportError:
+        print("keyroute: Cython is not installed; the pure-Python path will be used", file=sys.stderr)
+        return []
+    return cythonize(EXTENSIONS, language_level=3, quiet=True)
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
