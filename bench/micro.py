@@ -7,12 +7,19 @@ Measures, on one core, in this process:
 * ``assignment.generate`` of a pods-only table (default 4096 slices);
 * what a big reload costs the proxy's own process: unpickling the table the
   helper process parsed (``proxy.offload``), and the table's memory
-  (``tracemalloc``, routes not built yet; building one costs ~100 bytes).
+  (``tracemalloc``, routes not built yet; building one costs ~100 bytes);
+* the compact form (``owners``): bytes and parse time of a table of
+  ``--cm-slices`` slices (default 4096) over ``--cm-pods`` pods (default 8)
+  with full DNS URLs, as generated and after each of ``--cm-rounds`` rounds
+  of ``gen --from`` changes (drain a pod; undrain it with --rebalance; every
+  third round add a pod, the next remove it), explicit against compact; and
+  the parse of a compact table of 2**17 slices (an evolved grid, 8 pods).
 
 Run from the repo root::
 
     python bench/micro.py                 # 100k slices
     python bench/micro.py --slices 250000     # up to MAX_SLICES (262,144)
+    python bench/micro.py --cm-rounds 12      # more rounds of table changes
 
 Targets: under 1 µs per lookup, under 300 ms to parse + validate 100k slices.
 """
@@ -63,6 +70,33 @@ def make_table(slices: int, pods: int, rng: random.Random) -> bytes:
     return orjson.dumps(doc)
 
 
+DNS = "http://{}.app.default.svc.cluster.local:8080"
+
+
+def change_rounds(slices: int, pods: int, rounds: int) -> list[tuple[str, core.Assignment]]:
+    """A generated table, then ``rounds`` rounds of changes as ``gen --from``
+    makes them (``evolve``): drain a pod, then undrain it with rebalancing;
+    every third round also adds a pod, and the round after removes it."""
+    specs = [(f"app-{i}", DNS.format(f"app-{i}"), 1.0, "active") for i in range(pods)]
+    t = core.generate(GENERATION, core.make_pods(specs), slices)
+    out = [("generated", t)]
+    for r in range(rounds):
+        pid = f"app-{r % pods}"
+        specs = [(p.id, p.url, p.weight, "draining" if p.id == pid else p.state) for p in t.pods.values()]
+        t = core.evolve(t, core.make_pods(specs), t.generation + 1)
+        specs = [(p.id, p.url, p.weight, "active") for p in t.pods.values()]
+        note = f"drain+undrain {pid}"
+        if r % 3 == 2:
+            specs.append(("app-extra", DNS.format("app-extra"), 1.0, "active"))
+            note += ", add app-extra"
+        elif r % 3 == 0 and "app-extra" in t.pods:
+            specs = [s for s in specs if s[0] != "app-extra"]
+            note += ", remove app-extra"
+        t = core.evolve(t, core.make_pods(specs), t.generation + 1, rebalance=True)
+        out.append((f"round {r + 1}: {note}", t))
+    return out
+
+
 def timed(fn: Callable[[], object], runs: int) -> list[float]:
     """Wall-clock seconds of ``runs`` calls, with the GC collected before each
     and disabled during it (the proxy parses off the hot path; GC pauses are
@@ -90,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--gen-slices", type=int, default=core.DEFAULT_SLICE_COUNT, help="slices for generate()")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--cm-slices", type=int, default=core.DEFAULT_SLICE_COUNT, help="compact form: slices")
+    ap.add_argument("--cm-pods", type=int, default=8, help="compact form: pods (default 8)")
+    ap.add_argument("--cm-rounds", type=int, default=8, help="compact form: rounds of changes (default 8)")
     args = ap.parse_args(argv)
     if args.slices < 1 or args.pods < 3 or args.keys < 1 or args.runs < 1:
         ap.error("--slices, --keys and --runs must be positive and --pods at least 3")
@@ -144,10 +181,32 @@ def main(argv: list[str] | None = None) -> int:
         row(f"unpickle the parsed table ({len(pickled) / 1e6:.1f} MB)", unpickle_t, lambda t: f"{t * 1e3:.2f} ms"),
         (f"memory of the parsed table ({args.slices} slices)", f"{table_bytes / 1e6:.1f} MB", ""),
     ]
+    big = change_rounds(1 << 17, 8, 3)[-1][1]
+    big_data = big.dumps(compact=True)
+    big_t = timed(lambda: core.parse(big_data), args.runs)
+    rows.append(
+        row(
+            f"parse+validate compact, {big.slice_count} slices ({len(big_data) / 1e6:.2f} MB JSON)",
+            big_t,
+            lambda t: f"{t * 1e3:.1f} ms",
+        )
+    )
     width = max(len(r[0]) for r in rows)
     print(f"python {sys.version.split()[0]}, {args.runs} runs each, {args.keys} keys per lookup run")
     for name, median, best in rows:
         print(f"{name:<{width}}  {median:>10}  {best:>10}")
+
+    print()
+    print(f"table sizes, {args.cm_slices} slices x {args.cm_pods} pods, URLs like {DNS.format('app-0')}")
+    print(f"{'':<46}  {'explicit':>10}  {'compact':>10}  {'epochs':>6}  {'parse compact (median)':>22}")
+    for note, t in change_rounds(args.cm_slices, args.cm_pods, args.cm_rounds):
+        data = t.dumps(compact=True)
+        assert core.parse(data) == t
+        parse_c = statistics.median(timed(lambda data=data: core.parse(data), args.runs))
+        epochs = len({r.epoch for r in t.routes})
+        print(
+            f"{note:<46}  {len(t.dumps(compact=False)):>10,}  {len(data):>10,}  {epochs:>6}  {parse_c * 1e3:>19.1f} ms"
+        )
     return 0
 
 

@@ -85,6 +85,9 @@ _TOP_FIELDS = frozenset({"version", "generation", "pods", "slices", "slice_count
 # ``"backups": "rendezvous"`` in the compact form: every slice's backups are
 # derived from the pods, as in generated tables and ``evolve``.
 RENDEZVOUS = "rendezvous"
+# ``dumps`` writes "rendezvous" for tables of up to this many slices x pods
+# (e.g. 4096 x 32; ~0.1 s to derive), and lists the backups of bigger ones.
+RENDEZVOUS_WRITE_LIMIT = 1 << 17
 # A compact form's list of slice numbers: "0-3,7,9-12" (ascending or not).
 _RANGES_RE = re.compile(r"[0-9]{1,7}(?:-[0-9]{1,7})?(?:,[0-9]{1,7}(?:-[0-9]{1,7})?)*")
 _RANGE_RE = re.compile(r"[0-9]{1,7}(?:-[0-9]{1,7})?")
@@ -417,9 +420,12 @@ class Assignment:
             doc["epochs"] = epochs
         combos = self._combos
         if any(combos[b] for b in self._backup):
+            # Derived backups cost their parser ~1 us per slice and pod: past
+            # RENDEZVOUS_WRITE_LIMIT, the lists are written out instead.
+            derive = self.slice_count * len(self.pods) <= RENDEZVOUS_WRITE_LIMIT
             grid = 0 if splits or merges else count
-            derived = _rendezvous_backups(self.pods, self.starts, self._owner, grid)
-            if all(combos[b] == d for b, d in zip(self._backup, derived, strict=True)):
+            derived = _rendezvous_backups(self.pods, self.starts, self._owner, grid) if derive else []
+            if derive and all(combos[b] == d for b, d in zip(self._backup, derived, strict=True)):
                 doc["backups"] = RENDEZVOUS
             else:
                 doc["backups"] = {",".join(combos[b]): text for b, text in _grouped(self._backup).items() if combos[b]}
@@ -1194,7 +1200,7 @@ def rank(pods: Iterable[Pod], point: int) -> list[Pod]:
 
 def _unit_scores(pod_id: str, count: int) -> array[float]:
     """``score`` of a pod of weight 1 at each of ``count`` equal slice starts."""
-    return array("d", _unit_scores_at(pod_id, slice_starts(count)))
+    return array("d", _unit_scores_at(pod_id, _points(slice_starts(count))))
 
 
 # Tables are regenerated with the same pods and slice count again and again
@@ -1204,12 +1210,15 @@ _cached_unit_scores = lru_cache(maxsize=128)(_unit_scores)
 _CACHED_SLICE_COUNT = 16384
 
 
-def _unit_scores_at(pod_id: str, starts: Sequence[int]) -> list[float]:
-    """``score`` of a pod of weight 1 at each of ``starts``."""
+def _points(starts: Sequence[int]) -> list[bytes]:
+    """Slice starts as the bytes ``score`` hashes after a pod's id."""
+    return [start.to_bytes(8, "big") for start in starts]
+
+
+def _unit_scores_at(pod_id: str, points: Sequence[bytes]) -> list[float]:
+    """``score`` of a pod of weight 1 at each of ``points`` (see ``_points``)."""
     prefix, h64, log = pod_id.encode() + b"\x00", mmh3.hash64, math.log
-    return [
-        -1.0 / log((h64(prefix + start.to_bytes(8, "big"), 0, signed=False)[0] + 0.5) / KEY_SPACE) for start in starts
-    ]
+    return [-1.0 / log((h64(prefix + point, 0, signed=False)[0] + 0.5) / KEY_SPACE) for point in points]
 
 
 def _rank_columns(values: Sequence[Pod], starts: Sequence[int], grid: int) -> list[list[float]]:
@@ -1218,12 +1227,11 @@ def _rank_columns(values: Sequence[Pod], starts: Sequence[int], grid: int) -> li
     is weight x unit score, and a draining pod's key -1/score is below every
     active pod's score yet keeps the draining pods in score order."""
     columns = []
+    cached = grid and grid <= _CACHED_SLICE_COUNT
+    points = [] if cached else _points(slice_starts(grid) if grid else starts)
     for p in values:
         w = p.weight
-        if grid:
-            u: Sequence[float] = (_cached_unit_scores if grid <= _CACHED_SLICE_COUNT else _unit_scores)(p.id, grid)
-        else:
-            u = _unit_scores_at(p.id, starts)
+        u: Sequence[float] = _cached_unit_scores(p.id, grid) if cached else _unit_scores_at(p.id, points)
         columns.append([w * x for x in u] if p.active else [-1.0 / (w * x) for x in u])
     return columns
 

@@ -487,3 +487,13 @@ async def test_serve_table_serves_a_compact_table_compact(tmp_path: Path) -> Non
         body = await r.read()
     assert "owners" in orjson.loads(body) and len(body) <= BUDGET
     assert core.parse(body) == t
+
+
+def test_big_tables_list_their_backups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past RENDEZVOUS_WRITE_LIMIT slices x pods, deriving backups would cost
+    the parser more than reading them: they are written out, same table."""
+    t = core.generate(5, pods_of(4), 256)
+    assert compact(t)["backups"] == core.RENDEZVOUS
+    monkeypatch.setattr(core, "RENDEZVOUS_WRITE_LIMIT", 256 * 4 - 1)
+    doc = compact(t)
+    assert isinstance(doc["backups"], dict) and core.parse(orjson.dumps(doc)) == t
