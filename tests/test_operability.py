@@ -154,7 +154,7 @@ async def test_healthz_and_metrics_say_which_path_runs(tmp_path: Path, echo_pods
     write_table(table, [(pod.id, pod.port)])
     for off in (False, True):
         admin = free_port()
-        env = {"KEYROUTE_NO_EXTENSIONS": "1"} if off else {}
+        env = {"KEYROUTE_NO_EXTENSIONS": "1" if off else ""}  # empty: not set, whatever the suite runs with
         with run_proxy(table, "--admin", f"127.0.0.1:{admin}", env=env) as px:
             await wait_for(lambda port=admin: _answers(port), what="the admin listener")
             health = orjson.loads(await asyncio.to_thread(_get, admin, "/-/healthz"))
