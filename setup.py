@@ -18,14 +18,21 @@ class OptionalBuildExt(build_ext):
     def run(self) -> None:
         try:
             super().run()
-        except Exception as exc:  # noqa: BLE001 - any compiler or toolchain failure
-            print(f"keyroute: the compiled fast path was not built ({exc}); the pure-Python path will be used",
-                  file=sys.stderr)
+        except Exception as exc:  # any compiler or toolchain failure
+            print(
+                f"keyroute: the compiled fast path was not built ({exc}); the pure-Python path will be used",
+                file=sys.stderr,
+            )
 
     def build_extension(self, ext: Extension) -> None:
         try:
             super().build_extension(ext)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
+            # An older build of it must not stay behind and run instead.
+            if self.inplace:
+                stale = self.get_ext_fullpath(ext.name)
+                if os.path.exists(stale):
+                    os.remove(stale)
             print(f"keyroute: {ext.name} was not built ({exc}); the pure-Python path will be used", file=sys.stderr)
 
 
@@ -37,7 +44,11 @@ def extensions() -> list[Extension]:
     except ImportError:
         print("keyroute: Cython is not installed; the pure-Python path will be used", file=sys.stderr)
         return []
-    return cythonize(EXTENSIONS, language_level=3, quiet=True)
+    try:
+        return list(cythonize(EXTENSIONS, language_level=3, quiet=True))
+    except Exception as exc:  # a Cython that rejects the source
+        print(f"keyroute: Cython failed ({exc}); the pure-Python path will be used", file=sys.stderr)
+        return []
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

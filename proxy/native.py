@@ -28,5 +28,12 @@ else:
     except ImportError as exc:
         WHY_NOT = f"the compiled extension is not built ({exc})"
     else:
-        rewrite_request = _cheads.rewrite_request
-        ACTIVE = True
+        # An editable install builds in place: a .pyx edited since the build
+        # means the compiled module is not the source any more.
+        source = os.path.join(os.path.dirname(heads.__file__), "_cheads.pyx")
+        built = _cheads.__file__ or ""
+        if os.path.exists(source) and built and os.path.getmtime(source) > os.path.getmtime(built):
+            WHY_NOT = "the compiled extension is older than _cheads.pyx (run pip install -e . again)"
+        else:
+            rewrite_request = _cheads.rewrite_request
+            ACTIVE = True

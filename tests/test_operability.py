@@ -12,7 +12,17 @@ from pathlib import Path
 
 import orjson
 
-from .conftest import EchoPods, ProxyFactory, connect, free_port, parse_metrics, table_for, wait_for
+from .conftest import (
+    EchoPods,
+    ProxyFactory,
+    RawPod,
+    RawPods,
+    connect,
+    free_port,
+    parse_metrics,
+    table_for,
+    wait_for,
+)
 from .test_config import SERVICE_LINKS
 from .test_process import run_proxy, write_table
 
@@ -180,3 +190,36 @@ def _get(port: int, path: str) -> str:
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
         return str(r.read().decode())
+
+
+async def test_drain_serves_pipelined_requests_already_received(raw_pods: RawPods, proxy_factory: ProxyFactory) -> None:
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def slow_first(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await pod.read_request(reader)
+            if b"/slow" in head:
+                arrived.set()
+                await release.wait()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    pod = await raw_pods(slow_first)
+    px = await proxy_factory(table_for([pod]), proxy__shutdown_timeout="10s")
+    async with connect(px.port) as raw:
+        await raw.send(
+            b"GET /slow HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\n\r\n"
+            b"GET /second HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\n\r\n"
+        )
+        await asyncio.wait_for(arrived.wait(), 5)
+        await wait_for(lambda: any(c.queue for c in px.runtime.connections), what="the second request queued")
+        px.stop.set_result(None)  # the drain starts with one request at the pod and one queued
+        await wait_for(lambda: px.runtime.closing, what="the drain")
+        release.set()
+        first = await raw.response()
+        second = await raw.response()
+        assert (first[0], first[1].get("connection")) == (200, None)
+        assert (second[0], second[1]["connection"]) == (200, "close")
+        assert await raw.closed()
+    assert [r.split(b" ")[1] for r in pod.requests] == [b"/slow", b"/second"]

@@ -99,6 +99,9 @@ def rewrite_request(
             continue
         tag = <int>tag_obj
         if tag == _H_CL:
+            if not value.isdigit():
+                h.reject = (400, "bad_request", "Content-Length is not a number")
+                return h
             req_length = int(value)
             out.append(b"Content-Length: " + value + _CRLF)
         elif tag == _H_TE:

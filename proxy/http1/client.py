@@ -639,6 +639,12 @@ class ClientProtocol(asyncio.Protocol):
         self.resume_reading_for(_PAUSE_PIPELINE)
         self._arm(_T_IDLE, self._idle_time())
 
+    def last_while_draining(self) -> bool:
+        """Draining, and no further request of this connection has arrived:
+        the response being started says Connection: close. (Requests already
+        received, pipelined behind it, are served first.)"""
+        return self.runtime.closing and not self.queue and self.parsing is None
+
     def _idle_time(self) -> float:
         rt = self.runtime
         return min(_DRAIN_IDLE, rt.idle_timeout or _DRAIN_IDLE) if rt.closing else rt.idle_timeout
@@ -666,7 +672,7 @@ class ClientProtocol(asyncio.Protocol):
     ) -> None:
         rt = self.runtime
         ex.resp_started = True
-        close = ex.close_after or not ex.keep_alive or not ex.req_done or rt.closing or ex.upgrade
+        close = ex.close_after or not ex.keep_alive or not ex.req_done or self.last_while_draining() or ex.upgrade
         generation = ex.table.generation if ex.table is not None else (rt.table.generation if rt.table else None)
         self.write(
             wire.error_response(

@@ -160,7 +160,7 @@ class Exchange:
                     parts.append(wire.chunked_after(codings))
                 else:
                     self.close_after = True
-            if self.upgrade or not self.req_done or not self.keep_alive or client.runtime.closing:
+            if self.upgrade or not self.req_done or not self.keep_alive or client.last_while_draining():
                 # An early response leaves the request body unread, and a
                 # refused upgrade may be followed by non-HTTP bytes: close.
                 self.close_after = True

@@ -173,6 +173,9 @@ def rewrite_request(
             out.append(name + b": " + value + b"\r\n")
             continue
         if tag == _H_CL:
+            if not value.isdigit():  # llhttp checks this too; the function does not rely on it
+                h.reject = (400, "bad_request", "Content-Length is not a number")
+                return h
             h.req_length = int(value)
             out.append(b"Content-Length: " + value + b"\r\n")
         elif tag == _H_TE:
