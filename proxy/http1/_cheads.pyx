@@ -99,6 +99,7 @@ def rewrite_request(
             continue
         tag = <int>tag_obj
         if tag == _H_CL:
+            value = value.strip(b" \t")
             if not value.isdigit():
                 h.reject = (400, "bad_request", "Content-Length is not a number")
                 return h

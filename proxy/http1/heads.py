@@ -173,6 +173,7 @@ def rewrite_request(
             out.append(name + b": " + value + b"\r\n")
             continue
         if tag == _H_CL:
+            value = value.strip(b" \t")  # trailing whitespace is the field's, not the number's
             if not value.isdigit():  # llhttp checks this too; the function does not rely on it
                 h.reject = (400, "bad_request", "Content-Length is not a number")
                 return h
