@@ -223,3 +223,19 @@ async def test_drain_serves_pipelined_requests_already_received(raw_pods: RawPod
         assert (second[0], second[1]["connection"]) == (200, "close")
         assert await raw.closed()
     assert [r.split(b" ")[1] for r in pod.requests] == [b"/slow", b"/second"]
+
+
+async def test_unreachable_table_server_error_names_host_and_reason() -> None:
+    from proxy.sources import Failure
+    from proxy.sources.http import HttpSource
+
+    port = free_port()
+    source = HttpSource(f"http://127.0.0.1:{port}/table.json", poll_interval=0.05)
+    updates = source.updates()
+    try:
+        item = await asyncio.wait_for(anext(updates), 10)
+    finally:
+        await updates.aclose()
+    assert isinstance(item, Failure) and item.kind == "error"
+    assert f"cannot connect to 127.0.0.1:{port}" in item.detail
+    assert "ssl" not in item.detail

@@ -152,7 +152,7 @@ class HttpSource:
                         else:
                             result = Failure("error", f"{self.url}: HTTP {r.status}")
                 except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                    result = Failure("error", f"{self.url}: {exc.__class__.__name__}: {exc}")
+                    result = Failure("error", f"{self.url}: {describe(exc)}")
                 newer = isinstance(result, Assignment) and (
                     self.generation is None or result.generation > self.generation
                 )
@@ -173,3 +173,13 @@ class HttpSource:
                     # for ``wait``, but a cache in front of one answers at once.
                     # Keep to one request per ``poll_interval`` then.
                     await asyncio.sleep(max(0.0, self.poll_interval - (loop.time() - sent)))
+
+
+def describe(exc: BaseException) -> str:
+    """A fetch error in words an operator can act on (aiohttp's own text for a
+    refused connection mentions ``ssl:default`` even for plain http://)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        reason = os_error.strerror or str(os_error) or os_error.__class__.__name__
+        return f"cannot connect to {exc.host}:{exc.port}: {reason}"
+    return f"{exc.__class__.__name__}: {exc}"
