@@ -51,7 +51,8 @@ class ProxyProcess:
         async def refused() -> bool:
             try:
                 _, w = await asyncio.open_connection("127.0.0.1", self.port)
-            except ConnectionRefusedError:
+            except (ConnectionRefusedError, ConnectionResetError):
+                # Reset: it was queued on the listening socket as that closed.
                 return True
             w.close()
             return False
