@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from proxy import reload
+from proxy.http1.upstream import UpstreamConnection
 
 from .conftest import (
     EchoPods,
@@ -40,6 +41,7 @@ def header_lines(request: bytes) -> list[bytes]:
 # -- 1. Upgrade --------------------------------------------------------------------
 
 UPGRADE = b"GET /ws HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+SWITCHED = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: t\r\nX-Routing-Key: other\r\nX-Keyroute-Epoch: 1\r\n\r\n"
 
 
@@ -83,7 +85,7 @@ async def test_accepted_upgrade_delivers_the_held_bytes_after_101(
 ) -> None:
     async def accept(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await pod.read_request(reader)
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        writer.write(SWITCHED)
         data = await reader.readexactly(len(b"frame-1frame-2"))
         writer.write(b"echo:" + data)
         await writer.drain()
@@ -194,10 +196,19 @@ async def test_response_timeout_does_not_run_while_the_client_uploads(
     px = await proxy_factory(table_for([pod]), upstream__response_timeout="200ms", upstream__retries=0)
     async with connect(px.port) as raw:
         await raw.send(b"POST /up HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\nContent-Length: 10\r\n\r\n01234")
-        await wait_for(lambda: len(pod.requests) == 0 and opened(px) == 1, what="the pod connection")
-        # The client's pause between two halves of its body is the stimulus
-        # (five response timeouts long), not a synchronisation.
-        await asyncio.sleep(1.0)
+
+        def conn_of() -> UpstreamConnection | None:
+            client = next(iter(px.runtime.connections), None)
+            ex = client.exchange if client is not None else None
+            return ex.conn if ex is not None else None
+
+        await wait_for(lambda: conn_of() is not None, what="the request's head sent to the pod")
+        conn = conn_of()
+        assert conn is not None and not pod.requests
+        first = conn.deadline
+        # The response timer comes due while the client still owes half its
+        # body: it must wait on the client (move the deadline), not answer 504.
+        await wait_for(lambda: conn.closed or conn.deadline > first, what="the response timer to come due")
         await raw.send(b"56789")
         status, headers, _ = await raw.response()
     assert (status, headers["x-body"]) == (200, "0123456789")
@@ -736,7 +747,7 @@ async def test_refused_upgrade_is_not_a_pod_failure(raw_pods: RawPods, proxy_fac
 async def test_client_half_close_before_101_reaches_the_pod(raw_pods: RawPods, proxy_factory: ProxyFactory) -> None:
     async def accept(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await pod.read_request(reader)
-        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        writer.write(SWITCHED)
         got = await read_to_eof(reader)  # ends only if the client's EOF is passed on
         writer.write(b"got:" + got)
         await writer.drain()
@@ -777,7 +788,7 @@ async def test_tunnel_keeps_back_pressure(proxy_factory: ProxyFactory) -> None:
         while b"\r\n\r\n" not in head:
             head += await loop.sock_recv(conn, 65536)
         # The 101, then nothing more is read.
-        await loop.sock_sendall(conn, b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n")
+        await loop.sock_sendall(conn, SWITCHED)
         return conn
 
     px = await proxy_factory(table_for([("p", f"http://127.0.0.1:{port}")]))

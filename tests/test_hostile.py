@@ -27,6 +27,7 @@ from .conftest import (
     opened,
     send_marker,
     table_for,
+    wait_for,
 )
 
 GOOD = b"GET /good HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\n\r\n"
@@ -248,18 +249,30 @@ async def test_header_timeout(proxy_factory: ProxyFactory, pods: list[Pod]) -> N
 
 
 async def test_header_timeout_not_reset_by_trickle(proxy_factory: ProxyFactory, pods: list[Pod]) -> None:
-    proxy = await proxy_factory(table_for(pods), proxy__header_timeout="300ms")
+    # Room for every line the client sends before the timer runs out: the
+    # answer must be the timeout, not 431.
+    proxy = await proxy_factory(table_for(pods), proxy__header_timeout="300ms", proxy__max_header_bytes=1 << 26)
     async with connect(proxy.port) as raw:
         await raw.send(b"GET / HTTP/1.1\r\nHost: t\r\n")
         sent = 0
 
+        def parsed() -> int:
+            """Header lines the proxy has parsed on this connection (-1: closed)."""
+            client = next(iter(proxy.runtime.connections), None)
+            ex = client.parsing if client is not None else None
+            return len(ex.headers) if ex is not None else -1
+
         async def trickle() -> None:
-            # A slow client: a header line every 20 ms, far inside the 300 ms
-            # timeout, for as long as the connection lasts. A timer reset by
-            # each line would never run out; the proxy's must, by itself.
+            # A client that never stops: each header line as soon as the proxy
+            # has parsed what came before, for as long as the connection lasts. A timer reset by each line would never
+            # run out; the proxy's must, by itself.
             nonlocal sent
             while True:
-                await asyncio.sleep(0.02)
+                # llhttp reports a line once the next one begins (it could be
+                # folded): with n lines sent, n are parsed (Host and all but the last).
+                await wait_for(lambda n=sent: parsed() in (-1, n), 10, "the proxy to parse the lines sent")
+                if parsed() == -1:
+                    return
                 with contextlib.suppress(ConnectionError):
                     await raw.send(b"X-T%d: 1\r\n" % sent)
                     sent += 1
@@ -271,6 +284,7 @@ async def test_header_timeout_not_reset_by_trickle(proxy_factory: ProxyFactory, 
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+    assert sent > 1  # lines kept arriving while the timer ran
     assert proxy.runtime.stats.errors == {"request_timeout": 1}
     assert_nothing_reached_pods(proxy, pods)
     await assert_nothing_reached(proxy, pods)

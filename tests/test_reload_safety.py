@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from proxy.sources.file import FileSource
 from proxy.sources.http import LONG_POLL_HEADER, HttpSource
 from proxy.workers import pushed_generation, pushed_path, share
 
-from .conftest import EchoPods, Pod, ProxyFactory, connect, free_port, parse_metrics, table_for
+from .conftest import EchoPods, Pod, ProxyFactory, connect, free_port, parse_metrics, table_for, wait_for
 
 BOUND = 10.0  # generous bound for anything to happen
 PODS_AB = [("pod-a", "http://127.0.0.1:1"), ("pod-b", "http://127.0.0.1:2")]
@@ -39,16 +39,6 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], what: str, bound: float = BOUND) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` after ``bound`` seconds."""
-    try:
-        async with asyncio.timeout(bound):
-            while not await check():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def metrics(session: aiohttp.ClientSession, admin: str) -> dict[str, float]:
@@ -118,13 +108,13 @@ async def test_a_failing_source_is_logged_counted_and_restarted(
             async def counted() -> bool:
                 return reloads(await metrics(s, px.admin), "error") >= 1
 
-            await wait_until(counted, 'reloads_total{result="error"}')
+            await wait_for(counted, BOUND, 'reloads_total{result="error"}')
 
             async def applied() -> bool:
                 return (await served_by(s, px.base, "user-1")) == (6, "pod-b")
 
             # The restarted source reads the file again: the good table applies.
-            await wait_until(applied, "generation 6 after the restart")
+            await wait_for(applied, BOUND, "generation 6 after the restart")
             assert source.runs == 2 and source.in_force_at_restart == 5
             samples = await metrics(s, px.admin)
             assert reloads(samples, "error") == 1 and reloads(samples, "applied") == 1
@@ -172,7 +162,7 @@ async def test_a_source_that_keeps_failing_is_restarted_with_backoff(
             async def restarted() -> bool:
                 return len(source.starts) >= 5
 
-            await wait_until(restarted, "four restarts")
+            await wait_for(restarted, BOUND, "four restarts")
             # Each wait is at least half its exponential step: 1, 2, 4, 8 x base.
             gaps = [b - a for a, b in zip(source.starts, source.starts[1:], strict=False)]
             for n, gap in enumerate(gaps[:4]):
@@ -315,7 +305,7 @@ class Supervised:
                 raise AssertionError(f"keyroute exited: {self.log()}")
             return len(SERVING.findall(self.log())) >= count
 
-        await wait_until(enough, f"{count} workers serving")
+        await wait_for(enough, BOUND, f"{count} workers serving")
         return {int(pid): int(gen) for pid, gen in SERVING.findall(self.log())}
 
 
@@ -392,7 +382,7 @@ async def every_worker_serves(sup: Supervised, pids: list[int], generation: int,
             seen.add(owner)
         return seen == set(pids)
 
-    await wait_until(all_seen, f"workers {pids} serving generation {generation}")
+    await wait_for(all_seen, BOUND, f"workers {pids} serving generation {generation}")
     landed: set[int | None] = set()
     for i in range(40):
         owner, gen, got = await ask(sup, f"user-{i}", pids)

@@ -28,7 +28,7 @@ from proxy.sources import Failure, judge, verdict_kind
 from proxy.sources import file as file_source
 from proxy.sources.file import FileSource
 
-from .conftest import Pod, Proxy, parse_metrics, table_for
+from .conftest import Pod, Proxy, parse_metrics, table_for, wait_for
 
 Factory = Callable[..., Awaitable[Proxy]]
 KEY_SPACE = core.KEY_SPACE
@@ -36,19 +36,6 @@ BOUND = 10.0  # turns a hang into a failure; nothing depends on how long a wait 
 TOKEN = "s3cret"
 QUICK = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 URLS = {"a": "http://127.0.0.1:1", "b": "http://127.0.0.1:2", "c": "http://127.0.0.1:3", "d": "http://127.0.0.1:4"}
-
-
-async def wait_until(check: Callable[[], Awaitable[bool] | bool], what: str) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` after ``BOUND`` s."""
-    async with asyncio.timeout(BOUND):
-        while True:
-            ok = check()
-            if not isinstance(ok, bool):
-                ok = await ok
-            if ok:
-                return
-            await asyncio.sleep(0.01)
-    raise AssertionError(what)  # pragma: no cover
 
 
 def doc_of(generation: int, rows: list[tuple[int, str, int]], pods: dict[str, str] | None = None) -> dict[str, Any]:
@@ -448,7 +435,7 @@ async def test_file_source_refuses_epoch_regression_checked_in_the_helper(
     label = 'keyroute_reloads_total{result="epoch_regression"}'
     try:
         async with aiohttp.ClientSession() as s:
-            await wait_until(lambda: rt.table is not None and rt.table.generation == 10, "the first table")
+            await wait_for(lambda: rt.table is not None and rt.table.generation == 10, BOUND, "the first table")
             assert rt.offload.calls >= 1  # parsed in the helper
             # Slice 500 changes owner but keeps its epoch.
             bad = list(rows)
@@ -460,7 +447,7 @@ async def test_file_source_refuses_epoch_regression_checked_in_the_helper(
             async def refused() -> bool:
                 return await metric(s, px, label) >= 1
 
-            await wait_until(refused, "the epoch regression to be counted")
+            await wait_for(refused, BOUND, "the epoch regression to be counted")
             assert rt.last_reload_error is not None
             assert f"slices[500] (0x{start:016x})" in rt.last_reload_error["error"]
             assert rt.table.generation == 10
@@ -468,7 +455,7 @@ async def test_file_source_refuses_epoch_regression_checked_in_the_helper(
             # Moved with a new epoch: applied.
             bad[500] = (start, other, 11)
             path.write_bytes(orjson.dumps(doc_of(11, bad, pods_doc(pods))))
-            await wait_until(lambda: rt.table is not None and rt.table.generation == 11, "the good table")
+            await wait_for(lambda: rt.table is not None and rt.table.generation == 11, BOUND, "the good table")
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -531,7 +518,7 @@ async def test_file_source_refuses_a_file_above_the_byte_limit_unread(
             async def refused() -> bool:
                 return await metric(s, px, 'keyroute_reloads_total{result="invalid"}') >= 1
 
-            await wait_until(refused, "the big file to be refused")
+            await wait_for(refused, BOUND, "the big file to be refused")
             assert rt.last_reload_error is not None
             error = rt.last_reload_error["error"]
             assert re.search(rf"{re.escape(str(path))}: table: {core.MAX_TABLE_BYTES + 1} bytes", error)
@@ -571,7 +558,7 @@ async def test_keys_listed_twice_are_refused_over_admin_and_file(
             async def refused() -> bool:
                 return await metric(s, px, 'keyroute_reloads_total{result="invalid"}') >= 2
 
-            await wait_until(refused, "the big table to be refused")
+            await wait_for(refused, BOUND, "the big table to be refused")
             assert (
                 rt.last_reload_error["error"]
                 == f"{path}: slices[300].epoch: listed twice (a key may appear once in a JSON object)"

@@ -14,10 +14,10 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from proxy.metrics import LATENCY_BUCKETS, RETIRED
+from proxy.metrics import RETIRED, Stats
 
-from .conftest import EchoPods, table_for
-from .test_reload_safety import Supervised, ask, metrics, supervised, wait_until, write_atomic
+from .conftest import EchoPods, table_for, wait_for
+from .test_reload_safety import BOUND, Supervised, ask, metrics, supervised, write_atomic
 
 SERVED = 'keyroute_responses_total{code="2xx",pod="pod-a"}'
 
@@ -39,7 +39,7 @@ async def scraped_until(sup: Supervised, what: str, ok: dict[str, float]) -> Non
         (m,) = await scrapes(sup, 1)
         return all(m.get(k) == v for k, v in ok.items())
 
-    await wait_until(check, what)
+    await wait_for(check, BOUND, what)
 
 
 async def test_a_dead_workers_counters_are_kept_once_and_its_gauges_dropped(
@@ -57,7 +57,7 @@ async def test_a_dead_workers_counters_are_kept_once_and_its_gauges_dropped(
             served[owner] += 1
             return all(served[p] >= 10 for p in pids)
 
-        await wait_until(both_served, "both workers to serve 10 requests")
+        await wait_for(both_served, BOUND, "both workers to serve 10 requests")
         total = served.total()
         await scraped_until(sup, "both workers' counts", {SERVED: total, "keyroute_workers": 2})
 
@@ -80,7 +80,7 @@ async def test_a_dead_workers_counters_are_kept_once_and_its_gauges_dropped(
             more[owner] += 1
             return all(more[p] >= 5 for p in pids)
 
-        await wait_until(both_serve_again, "both workers to serve 5 more requests")
+        await wait_for(both_serve_again, BOUND, "both workers to serve 5 more requests")
         total += more.total()
         await scraped_until(sup, "the new requests counted", {SERVED: total})
 
@@ -115,16 +115,9 @@ def test_workers_folding_the_same_dead_workers_at_once_count_each_once(tmp_path:
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     dead = range(pid_max + 1, pid_max + 201)
     for i, pid in enumerate(dead):
-        counters = {
-            "by_pod": {"p": [0, i + 1, 0, 0, 0]},
-            "latency": [0] * (len(LATENCY_BUCKETS) + 1),
-            "latency_sum": 0.0,
-            "errors": {},
-            "reloads": {},
-            "last_reload_ok": None,
-            "retries": 0,
-            "failovers": {},
-        }
+        stats = Stats()
+        stats.by_pod["p"] = [0, i + 1, 0, 0, 0]
+        counters = stats.snapshot()
         gauges = {"generation": 3, "workers": 1, "ejections": 1}
         (tmp_path / f"{pid}.json").write_bytes(orjson.dumps({"counters": counters, "gauges": gauges}))
     responses = sum(range(1, 201))
