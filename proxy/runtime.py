@@ -34,16 +34,12 @@ class Runtime:
         self.settings = settings
         self.loop = loop
         p = settings.proxy
-        self.key_header = p.key_header.lower().encode()
-        self.via_token = p.via.encode()
-        self.via_lower = p.via.lower().encode()
         self.response_headers = p.response_headers
         self.missing_key = p.missing_key
         self.header_timeout = p.header_timeout
         self.body_timeout = p.body_timeout
         self.idle_timeout = p.idle_timeout
         self.send_timeout = p.send_timeout
-        self.allow_empty_key = p.allow_empty_key
         self.request_policy = RequestPolicy(
             key_header=p.key_header,
             via=p.via,
@@ -52,9 +48,6 @@ class Runtime:
             max_header_bytes=p.max_header_bytes,
             max_body_bytes=p.max_body_bytes,
         )
-        self.reject_get_body = p.get_body == "reject"
-        self.max_header_bytes = p.max_header_bytes
-        self.max_body_bytes = p.max_body_bytes
         # How far ahead a client connection's timer is ever scheduled.
         self.timer_step = min(t for t in (p.header_timeout, p.body_timeout, p.idle_timeout, 3600.0) if t > 0)
         self.table: RoutingTable | None = None

@@ -1,30 +1,17 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3
 """Compiled twin of ``heads.rewrite_request``: the same head in, the same
 bytes and facts out (tests/test_heads.py holds the two to that), with the
 per-header loop in C. ``heads.py`` stays the reference and the fallback
 (``KEYROUTE_NO_EXTENSIONS=1``)."""
 
-from . import wire
+from . import heads, wire
 from .heads import RequestHead
 
-cdef dict _SPECIAL = {}
-cdef int _H_DROP = 0, _H_CL = 1, _H_TE = 2, _H_CONN = 3, _H_VIA = 4, _H_XFF = 5, _H_HOST = 6, _H_UPGRADE = 7, _H_XF = 8
-for _name in wire.HOP_BY_HOP:
-    _SPECIAL[_name] = _H_DROP
-_SPECIAL.update(
-    {
-        b"content-length": _H_CL,
-        b"transfer-encoding": _H_TE,
-        b"connection": _H_CONN,
-        b"via": _H_VIA,
-        b"x-forwarded-for": _H_XFF,
-        b"host": _H_HOST,
-        b"upgrade": _H_UPGRADE,
-        b"x-forwarded-proto": _H_XF,
-        b"x-forwarded-host": _H_XF,
-    }
-)
-cdef frozenset _NEVER_DROPPED = frozenset({b"content-length", b"host", b"transfer-encoding"})
+# The reference's tables, so the two cannot drift apart.
+cdef dict _SPECIAL = heads._SPECIAL
+cdef frozenset _NEVER_DROPPED = heads._NEVER_DROPPED
+cdef int _H_CL = heads._H_CL, _H_TE = heads._H_TE, _H_CONN = heads._H_CONN, _H_VIA = heads._H_VIA
+cdef int _H_XFF = heads._H_XFF, _H_HOST = heads._H_HOST, _H_UPGRADE = heads._H_UPGRADE
 cdef bytes _CRLF = b"\r\n"
 cdef bytes _SEP = b": "
 

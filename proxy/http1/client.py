@@ -191,9 +191,11 @@ class ClientProtocol(asyncio.Protocol):
         ex = self.parsing
         if ex is not None and not ex.head_done:
             self.head_bytes += len(data)
-            if self.head_bytes > self.runtime.max_header_bytes:
+            if self.head_bytes > self.runtime.request_policy.max_header_bytes:
                 self._fail_connection(
-                    431, "headers_too_large", f"request head exceeds {self.runtime.max_header_bytes} bytes"
+                    431,
+                    "headers_too_large",
+                    f"request head exceeds {self.runtime.request_policy.max_header_bytes} bytes",
                 )
 
     def eof_received(self) -> bool | None:
@@ -355,7 +357,7 @@ class ClientProtocol(asyncio.Protocol):
         if ex.error is not None:
             return
         ex.body_bytes += len(body)
-        limit = self.runtime.max_body_bytes
+        limit = self.runtime.request_policy.max_body_bytes
         if limit and ex.body_bytes > limit:
             self._reject(413, "body_too_large", f"request body exceeds {limit} bytes")
         self._body(ex, wire.chunk(body) if ex.req_chunked else body)
