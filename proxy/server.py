@@ -12,7 +12,7 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from . import native
 from .assignment import Assignment
@@ -66,12 +66,15 @@ async def serve(
     rt = Runtime(settings, loop)
     if assignment is not None:
         rt.set_assignment(assignment)
+    # Not an asyncio.Protocol subclass (a compiled class cannot be one), but
+    # it has every method the loop calls.
+    factory = lambda: cast(asyncio.Protocol, ClientProtocol(rt))  # noqa: E731
     if sock is not None:
-        server = await loop.create_server(lambda: ClientProtocol(rt), sock=sock, backlog=4096)
+        server = await loop.create_server(factory, sock=sock, backlog=4096)
     else:
         host, port = settings.listen_address
         server = await loop.create_server(
-            lambda: ClientProtocol(rt),
+            factory,
             host,
             port,
             reuse_address=True,

@@ -54,7 +54,7 @@ class _Reject(Exception):
     """Raised from a parser callback to stop parsing; the reason is on the protocol."""
 
 
-class ClientProtocol(asyncio.Protocol):
+class ClientProtocol:
     """One client connection."""
 
     __slots__ = (

@@ -179,7 +179,7 @@ class Exchange:
         else:
             self.client.write(data)
 
-    def upstream_done(self, conn: UpstreamConnection, *, reusable: bool) -> None:
+    def upstream_done(self, conn: UpstreamConnection, reusable: bool) -> None:
         """The response ended. ``reusable``: the pod's framing lets the
         connection carry another request."""
         if self.out_chunked:
@@ -201,7 +201,7 @@ class Exchange:
                 conn.discard()
         self.client.exchange_done(self)
 
-    def retry_safe(self, *, after_send: bool) -> bool:
+    def retry_safe(self, after_send: bool) -> bool:
         """May this request be sent again? Always before a byte went out; after
         that only if it is idempotent, has no body, and no response byte was
         relayed."""

@@ -10,8 +10,7 @@ unfinished body, an upgrade, bytes after a bodiless response) discards it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
@@ -25,7 +24,7 @@ class _StopParsing(Exception):
     """Raised from a parser callback to stop parsing at a message boundary."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection:
     """One TCP connection to a pod."""
 
     __slots__ = (
@@ -231,7 +230,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- use by the exchange ----------------------------------------------
 
-    def send(self, ex: Exchange, data: bytes, *, head_only: bool) -> None:
+    def send(self, ex: Exchange, data: bytes, head_only: bool) -> None:
         """Start serving ``ex``: write its request head (and any buffered body)."""
         self.exchange = ex
         self.head_only = head_only
@@ -374,11 +373,13 @@ class Pool:
 
     async def connect(self) -> UpstreamConnection:
         """Open a new connection; raises OSError or TimeoutError."""
-        factory: Callable[[], UpstreamConnection] = lambda: UpstreamConnection(self)  # noqa: E731
+        # Not an asyncio.Protocol subclass (a compiled class cannot be one),
+        # but it has every method the loop calls.
+        factory = lambda: cast(asyncio.Protocol, UpstreamConnection(self))  # noqa: E731
         async with asyncio.timeout(self.connect_timeout):
             _, conn = await self.loop.create_connection(factory, self.host, self.port)
         self.opened += 1
-        return conn
+        return cast(UpstreamConnection, conn)
 
     def sweep(self, now: float) -> None:
         """Close idle connections older than ``idle_timeout``."""
