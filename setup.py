@@ -11,9 +11,13 @@ from setuptools.command.build_ext import build_ext
 
 EXTENSIONS = [
     Extension("proxy.http1._cheads", ["proxy/http1/_cheads.pyx"]),
-    # The data plane's own modules, compiled from their .py source with the
-    # types their .pxd files declare; without the build they run as Python.
-    *(Extension(f"proxy.http1.{m}", [f"proxy/http1/{m}.py"]) for m in ("client", "exchange", "upstream")),
+    # The data plane's own modules (proxy.native.COMPILED), compiled from their
+    # .py source with the types their .pxd files declare; without the build
+    # they run as Python.
+    *(
+        Extension(m, [m.replace(".", "/") + ".py"])
+        for m in ("proxy.routing", "proxy.http1.client", "proxy.http1.exchange", "proxy.http1.upstream")
+    ),
 ]
 # Types come from the .pxd files only: the annotations in the .py files are
 # for mypy, and Cython would enforce some of them differently.

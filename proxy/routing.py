@@ -4,7 +4,9 @@ request routed on it."""
 
 from __future__ import annotations
 
-from .assignment import Assignment, Pod, Route, rank
+from .assignment import KEY_SPACE, Assignment, Pod, Route, position, rank
+
+_new_tuple = tuple.__new__
 
 
 class RoutingTable:
@@ -23,6 +25,14 @@ class RoutingTable:
         "_pods",
         "_any",
         "_fixed",
+        "_starts",
+        "_index",
+        "_shift",
+        "_owner",
+        "_epoch",
+        "_backup",
+        "_combos",
+        "_count",
     )
 
     def __init__(self, assignment: Assignment, failover: str = "backups") -> None:
@@ -39,6 +49,36 @@ class RoutingTable:
         self._any: list[tuple[int, ...] | None] = [None] * n if failover == "any" else []
         self._resp_tags: dict[str, bytes] = {}
         self._fixed: dict[str, Route] = {}
+        # The table's columns, for lookup (compiled: read as C arrays).
+        self._starts = assignment.starts
+        self._index = assignment._index
+        self._shift = assignment._shift
+        self._owner = assignment._owner
+        self._epoch = assignment._epoch
+        self._backup = assignment._backup
+        self._combos = assignment._combos
+        self._count = assignment.slice_count
+
+    def lookup(self, key: bytes) -> Route:
+        """The route for a routing key: ``assignment.lookup(key)``."""
+        return self.route_at(position(key))
+
+    def route_at(self, pos: int) -> Route:
+        """The route for a position: ``assignment.lookup_position(pos)``."""
+        starts = self._starts
+        lo = self._index[pos >> self._shift]
+        hi = self._index[(pos >> self._shift) + 1]
+        while lo < hi:  # bisect_right(starts, pos, lo, hi), over one bucket of the index
+            mid = (lo + hi) >> 1
+            if pos < starts[mid]:
+                hi = mid
+            else:
+                lo = mid + 1
+        i = lo - 1
+        end = starts[i + 1] if i + 1 < self._count else KEY_SPACE
+        pod = self._pods[self._owner[i]]
+        backups = self._combos[self._backup[i]]
+        return _new_tuple(Route, (i, starts[i], end, pod, self._epoch[i], backups, self.generation))
 
     def request_tag(self, route: Route, pod: Pod) -> bytes:
         """X-Keyroute-* request headers for ``pod`` serving ``route``."""

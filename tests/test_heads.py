@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from importlib import import_module
 from typing import Any
 
 import httptools
@@ -226,10 +227,80 @@ def test_compiled_twin_gives_identical_bytes_and_facts(
 
 def test_native_path_is_the_one_in_use_unless_turned_off() -> None:
     from proxy import native
+    from proxy.http1 import rewrite
 
     if os.environ.get(native.NO_EXTENSIONS_ENV):
-        assert native.ACTIVE is False and native.rewrite_request is heads_module.rewrite_request
+        assert native.ACTIVE is False and rewrite.rewrite_request is heads_module.rewrite_request
         assert native.NO_EXTENSIONS_ENV in native.WHY_NOT
+        assert all(str(import_module(m).__file__).endswith(".py") for m in native.COMPILED)
     else:
         assert native.ACTIVE is True and native.WHY_NOT == ""
-        assert native.rewrite_request.__module__ == "proxy.http1._cheads"
+        assert rewrite.rewrite_request.__module__ == "proxy.http1._cheads"
+        # Every compiled module is the extension, not its source.
+        assert not any(str(import_module(m).__file__).endswith(".py") for m in native.COMPILED)
+
+
+# -- the response head ----------------------------------------------------------
+
+RESPONSE_NAMES = st.sampled_from(
+    [
+        *sorted(n.decode() for n in wire.HOP_BY_HOP),
+        "content-length",
+        "content-type",
+        "x-keyroute-pod",
+        "x-keyroute-generation",
+        "x-keyroute",
+        "x-pod",
+        "te-x",
+        "trailers",
+        "set-cookie",
+        "server",
+        "date",
+    ]
+)
+
+
+def _odd_case(draw: st.DrawFn, name: str) -> str:
+    return "".join(c.upper() if draw(st.booleans()) else c for c in name)
+
+
+@st.composite
+def response_headers(draw: st.DrawFn) -> list[tuple[bytes, bytes]]:
+    """Response headers as llhttp hands them over: any order, duplicates,
+    odd casing, Connection values that name other headers or none."""
+    out = []
+    for _ in range(draw(st.integers(0, 12))):
+        name = draw(RESPONSE_NAMES)
+        if name == "connection":
+            value = draw(
+                st.sampled_from(
+                    ["keep-alive", "Close", "UPGRADE", "x-pod", "keep-alive, Set-Cookie", "te, trailer", ""]
+                )
+            )
+        else:
+            value = draw(st.text(alphabet="abc ,;=/\t0123456789", max_size=30)).strip()
+        out.append((_odd_case(draw, name).encode(), value.encode()))
+    return out
+
+
+@settings(max_examples=1000, deadline=None)
+@given(response_headers())
+def test_compiled_response_rewrite_is_identical(headers: list[tuple[bytes, bytes]]) -> None:
+    from proxy.http1 import _cheads, heads
+
+    assert _cheads.rewrite_response(headers) == heads.rewrite_response(headers)
+
+
+@given(response_headers())
+def test_response_rewrite_keeps_only_end_to_end_headers(headers: list[tuple[bytes, bytes]]) -> None:
+    lines, codings, upgrade = heads_module.rewrite_response(headers)
+    kept = [line.split(b": ", 1)[0].lower() for line in lines.split(b"\r\n") if line]
+    named = {t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",") if t.strip()}
+    for name in kept:
+        assert name not in wire.HOP_BY_HOP and not name.startswith(b"x-keyroute-") and name not in named
+    expected = [n.lower() for n, _ in headers]
+    expected = [n for n in expected if n not in wire.HOP_BY_HOP and not n.startswith(b"x-keyroute-") and n not in named]
+    assert kept == expected
+    assert codings == b",".join(v for n, v in headers if n.lower() == b"transfer-encoding")
+    ups = [v for n, v in headers if n.lower() == b"upgrade"]
+    assert upgrade == (ups[-1] if ups else None)

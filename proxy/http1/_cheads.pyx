@@ -183,3 +183,106 @@ def rewrite_request(
         out.append(b"X-Forwarded-Host: " + host + _CRLF)
     h.head = b"".join(out)
     return h
+
+
+# -- the response head ---------------------------------------------------------
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from libc.string cimport memcpy
+
+# What rewrite_response does with a header, by its name.
+cdef enum:
+    _KEEP = 0
+    _DROP = 1  # hop-by-hop (wire.HOP_BY_HOP), or the proxy's own X-Keyroute-*
+    _TE = 2
+    _CONN = 3
+    _UPGRADE = 4
+
+
+cdef inline bint _named(const unsigned char* s, Py_ssize_t n, const char* lower, Py_ssize_t m) noexcept:
+    """``s[:n].lower() == lower`` (ASCII, as bytes.lower())."""
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    if n != m:
+        return False
+    for i in range(n):
+        c = s[i]
+        if 65 <= c <= 90:
+            c += 32
+        if c != <unsigned char>lower[i]:
+            return False
+    return True
+
+
+cdef inline int _kind(bytes name) noexcept:
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(name)
+    cdef Py_ssize_t n = len(name)
+    if n >= 11 and _named(s, 11, b"x-keyroute-", 11):
+        return _DROP
+    if n == 2:
+        return _DROP if _named(s, n, b"te", 2) else _KEEP
+    if n == 7:
+        if _named(s, n, b"upgrade", 7):
+            return _UPGRADE
+        return _DROP if _named(s, n, b"trailer", 7) else _KEEP
+    if n == 10:
+        if _named(s, n, b"connection", 10):
+            return _CONN
+        return _DROP if _named(s, n, b"keep-alive", 10) else _KEEP
+    if n == 16:
+        return _DROP if _named(s, n, b"proxy-connection", 16) else _KEEP
+    if n == 17:
+        return _TE if _named(s, n, b"transfer-encoding", 17) else _KEEP
+    return _KEEP
+
+
+cdef inline bint _plain_connection(bytes value) noexcept:
+    """A Connection value that names no header (wire.connection_tokens gives [])."""
+    cdef const unsigned char* s = <const unsigned char*>PyBytes_AS_STRING(value)
+    cdef Py_ssize_t n = len(value)
+    return _named(s, n, b"keep-alive", 10) or _named(s, n, b"close", 5) or _named(s, n, b"upgrade", 7)
+
+
+def rewrite_response(list headers):
+    """See ``heads.rewrite_response``: the kept lines are copied into one
+    bytes object sized in a first pass."""
+    cdef Py_ssize_t size = 0
+    cdef Py_ssize_t n
+    cdef tuple pair
+    cdef bytes name, value
+    cdef int kind
+    cdef bytes codings = b""
+    cdef object upgrade = None
+    for pair in headers:
+        name = <bytes>pair[0]
+        value = <bytes>pair[1]
+        kind = _kind(name)
+        if kind == _KEEP:
+            size += len(name) + len(value) + 4
+        elif kind == _TE:
+            codings = value if not codings else codings + b"," + value
+        elif kind == _CONN:
+            if not _plain_connection(value) and wire.connection_tokens(value):
+                return heads.rewrite_response(headers)  # headers named in Connection: rare
+        elif kind == _UPGRADE:
+            upgrade = value
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
+    cdef char* p = PyBytes_AS_STRING(out)
+    for pair in headers:
+        name = <bytes>pair[0]
+        if _kind(name) != _KEEP:
+            continue
+        value = <bytes>pair[1]
+        n = len(name)
+        memcpy(p, PyBytes_AS_STRING(name), n)
+        p += n
+        p[0] = b":"
+        p[1] = b" "
+        p += 2
+        n = len(value)
+        memcpy(p, PyBytes_AS_STRING(value), n)
+        p += n
+        p[0] = b"\r"
+        p[1] = b"\n"
+        p += 2
+    return out, codings, upgrade

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import httptools
 import orjson
 
-from .. import native
 from ..assignment import Pod
 from . import wire
 from .exchange import Exchange
+from .rewrite import rewrite_request
 from .upstream import Pool, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -287,7 +287,7 @@ class ClientProtocol:
         ex.head_done = True
         rt = self.runtime
         parser = self.parser
-        h = native.rewrite_request(
+        h = rewrite_request(
             parser.get_method(),
             ex.url,
             parser.get_http_version(),
@@ -320,12 +320,12 @@ class ClientProtocol:
             return
         ex.table = table
         if key is not None:
-            route = table.assignment.lookup(key)
+            route = table.lookup(key)
         elif rt.missing_key == "reject":
             self._error(ex, 400, "missing_key", f"request has no {rt.settings.proxy.key_header} header")
             return
         elif rt.missing_key == "random":
-            route = table.assignment.lookup_position(random.getrandbits(64))
+            route = table.route_at(random.getrandbits(64))
         else:
             fixed = table.fixed_route(rt.missing_key[4:])
             if fixed is None:

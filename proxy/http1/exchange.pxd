@@ -3,6 +3,7 @@
 cimport cython
 cimport proxy.http1.client
 cimport proxy.http1.upstream
+cimport proxy.routing
 
 
 @cython.final
@@ -25,7 +26,7 @@ cdef class Exchange:
     cdef public proxy.http1.upstream.UpstreamConnection conn
     cdef public bint sent
     cdef public object route
-    cdef public object table
+    cdef public proxy.routing.RoutingTable table
     cdef public tuple error
     cdef public bint resp_started
     cdef public bint out_chunked

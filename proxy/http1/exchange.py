@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from ..assignment import Pod, Route
 from . import wire
+from .rewrite import rewrite_response
 
 if TYPE_CHECKING:
     from ..routing import RoutingTable
@@ -124,28 +125,8 @@ class Exchange:
             rt.health.success(pod.id)
         self.resp_started = True
         self.status = status
-        parts = [wire.status_line(status, reason)]
-        drop: list[bytes] | None = None
-        upgrade_value = None
-        codings = b""
-        for name, value in headers:
-            lname = name.lower()
-            if lname in wire.HOP_BY_HOP:
-                if lname == b"transfer-encoding":
-                    codings = value if not codings else codings + b"," + value
-                elif lname == b"connection":
-                    tokens = wire.connection_tokens(value)
-                    if tokens:
-                        drop = tokens if drop is None else drop + tokens
-                elif lname == b"upgrade":
-                    upgrade_value = value
-                continue
-            if lname.startswith(b"x-keyroute-"):
-                continue
-            parts.append(name + b": " + value + b"\r\n")
-        if drop:
-            # Headers the pod named in Connection are hop-by-hop too.
-            parts = wire.drop_named(parts, 1, drop)
+        lines, codings, upgrade_value = rewrite_response(headers)
+        parts = [wire.status_line(status, reason), lines]
         if status == 101:
             parts.append(b"Connection: upgrade\r\n")
             if upgrade_value is not None:

@@ -277,3 +277,34 @@ def rewrite_request(
         out.append(b"X-Forwarded-Host: " + host + b"\r\n")
     h.head = b"".join(out)
     return h
+
+
+def rewrite_response(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bytes, bytes | None]:
+    """A pod's response headers as the client gets them: every "Name: value"
+    line except hop-by-hop headers, the headers a Connection header names
+    (RFC 9110 §7.6.1) and ``X-Keyroute-*`` (the proxy's own), in their order.
+    Also returns what the framing needs: the Transfer-Encoding codings, joined
+    with "," (b"" if none), and the last Upgrade value (None if none). The
+    status line, framing lines and the proxy's tag are the caller's."""
+    lines: list[bytes] = []
+    drop: list[bytes] | None = None
+    upgrade = None
+    codings = b""
+    for name, value in headers:
+        lname = name.lower()
+        if lname in wire.HOP_BY_HOP:
+            if lname == b"transfer-encoding":
+                codings = value if not codings else codings + b"," + value
+            elif lname == b"connection":
+                tokens = wire.connection_tokens(value)
+                if tokens:
+                    drop = tokens if drop is None else drop + tokens
+            elif lname == b"upgrade":
+                upgrade = value
+            continue
+        if lname.startswith(b"x-keyroute-"):
+            continue
+        lines.append(name + b": " + value + b"\r\n")
+    if drop:
+        lines = wire.drop_named(lines, 0, drop)
+    return b"".join(lines), codings, upgrade
