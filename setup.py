@@ -16,7 +16,13 @@ EXTENSIONS = [
     # they run as Python.
     *(
         Extension(m, [m.replace(".", "/") + ".py"])
-        for m in ("proxy.routing", "proxy.http1.client", "proxy.http1.exchange", "proxy.http1.upstream")
+        for m in (
+            "proxy.routing",
+            "proxy.runtime",
+            "proxy.http1.client",
+            "proxy.http1.exchange",
+            "proxy.http1.upstream",
+        )
     ),
 ]
 # Types come from the .pxd files only: the annotations in the .py files are

@@ -304,3 +304,33 @@ def test_response_rewrite_keeps_only_end_to_end_headers(headers: list[tuple[byte
     assert codings == b",".join(v for n, v in headers if n.lower() == b"transfer-encoding")
     ups = [v for n, v in headers if n.lower() == b"upgrade"]
     assert upgrade == (ups[-1] if ups else None)
+
+
+HOST_TEXT = st.text(alphabet="ab9.-_~%!$&'()*+,;=:[]@/ \t\x00\xff", max_size=16)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(HOST_TEXT, HOST_TEXT.map(lambda t: "[" + t), HOST_TEXT.map(lambda t: "[" + t + "]:8")))
+def test_compiled_host_check_is_the_regular_expression(text: str) -> None:
+    from proxy.http1 import _cheads
+
+    value = text.encode("latin-1")
+    assert _cheads.host_is_valid(value) is wire.valid_host(value)
+
+
+def test_host_check_examples() -> None:
+    from proxy.http1 import _cheads
+
+    for value, ok in [
+        (b"", True),
+        (b"a.example:8080", True),
+        (b"[::1]:80", True),
+        (b"[::1]", True),
+        (b"[]", False),
+        (b"[::1", False),
+        (b"a b", False),
+        (b"a:8x", False),
+        (b"a@b", False),
+        (b":", True),
+    ]:
+        assert wire.valid_host(value) is ok and _cheads.host_is_valid(value) is ok

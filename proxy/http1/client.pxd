@@ -1,13 +1,14 @@
 # Declarations that let Cython compile client.py into C (see setup.py):
 # the .py stays the source, and runs as it is when the extension is not built.
 cimport cython
+cimport proxy.runtime
 from proxy.http1.exchange cimport Exchange
 from proxy.http1.upstream cimport Pool, UpstreamConnection
 
 
 @cython.final
 cdef class ClientProtocol:
-    cdef public object runtime
+    cdef public proxy.runtime.Runtime runtime
     cdef public object loop
     cdef public object transport
     cdef public object parser

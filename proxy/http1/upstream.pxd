@@ -66,3 +66,16 @@ cdef class Pool:
     cpdef UpstreamConnection take(self)
     cpdef put(self, UpstreamConnection conn)
     cpdef sweep(self, double now)
+
+
+# A C type, so it exists as soon as this module starts loading: the compiled
+# modules import each other's types in a cycle (client, exchange, upstream,
+# runtime), and runtime.py imports this class by name.
+@cython.final
+cdef class Upstreams:
+    cdef public object loop
+    cdef public object settings
+    cdef public dict pools
+    cdef public object _sweeper
+
+    cpdef Pool pool(self, str pod_id, str host, int port)
