@@ -17,8 +17,10 @@ EXTENSIONS = [
     *(
         Extension(m, [m.replace(".", "/") + ".py"])
         for m in (
+            "proxy.metrics",
             "proxy.routing",
             "proxy.runtime",
+            "proxy.http1.wire",
             "proxy.http1.client",
             "proxy.http1.exchange",
             "proxy.http1.upstream",
@@ -31,7 +33,14 @@ DIRECTIVES = {"annotation_typing": False}
 
 
 class OptionalBuildExt(build_ext):
-    """A failed compile is a warning, not a failed install."""
+    """A failed compile is a warning, not a failed install. Modules compile
+    in parallel, with -O2 and no debug info: Python's own -O3 -g makes the
+    build several times slower for no measurable gain here."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if self.parallel is None:
+            self.parallel = os.cpu_count() or 1
 
     def run(self) -> None:
         try:
@@ -43,6 +52,8 @@ class OptionalBuildExt(build_ext):
             )
 
     def build_extension(self, ext: Extension) -> None:
+        if self.compiler.compiler_type == "unix":
+            ext.extra_compile_args = [*ext.extra_compile_args, "-O2", "-g0"]
         try:
             super().build_extension(ext)
         except Exception as exc:
@@ -63,7 +74,11 @@ def extensions() -> list[Extension]:
         print("keyroute: Cython is not installed; the pure-Python path will be used", file=sys.stderr)
         return []
     try:
-        return list(cythonize(EXTENSIONS, language_level=3, quiet=True, compiler_directives=DIRECTIVES))
+        return list(
+            cythonize(
+                EXTENSIONS, language_level=3, quiet=True, compiler_directives=DIRECTIVES, nthreads=os.cpu_count() or 1
+            )
+        )
     except Exception as exc:  # a Cython that rejects the source
         print(f"keyroute: Cython failed ({exc}); the pure-Python path will be used", file=sys.stderr)
         return []

@@ -28,7 +28,15 @@ from types import ModuleType
 NO_EXTENSIONS_ENV = "KEYROUTE_NO_EXTENSIONS"
 
 # Compiled from the .py of the same name, with the .pxd beside it.
-COMPILED = ("proxy.routing", "proxy.runtime", "proxy.http1.client", "proxy.http1.exchange", "proxy.http1.upstream")
+COMPILED = (
+    "proxy.metrics",
+    "proxy.routing",
+    "proxy.runtime",
+    "proxy.http1.wire",
+    "proxy.http1.client",
+    "proxy.http1.exchange",
+    "proxy.http1.upstream",
+)
 # Compiled from a .pyx: the twin of the .py named here.
 TWINS = {"proxy.http1._cheads": "proxy.http1.heads"}
 

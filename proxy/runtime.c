@@ -1490,6 +1490,7 @@ static const char* const __pyx_f[] = {
   "proxy/runtime.py",
   "View.MemoryView",
   "proxy/runtime.pxd",
+  "proxy/metrics.pxd",
   "proxy/routing.pxd",
 };
 /* #### Code section: utility_code_proto_before_types ### */
@@ -1745,6 +1746,7 @@ typedef struct {
 /* #### Code section: type_declarations ### */
 
 /*--- Type declarations ---*/
+struct __pyx_obj_5proxy_7metrics_Stats;
 struct __pyx_obj_5proxy_7routing_RoutingTable;
 struct __pyx_obj_5proxy_7runtime_Runtime;
 struct __pyx_obj_5proxy_7runtime___pyx_scope_struct__genexpr;
@@ -1757,6 +1759,27 @@ struct __pyx_array_obj;
 struct __pyx_MemviewEnum_obj;
 struct __pyx_memoryview_obj;
 struct __pyx_memoryviewslice_obj;
+
+/* "proxy/metrics.pxd":7
+ * 
+ * 
+ * @cython.final             # <<<<<<<<<<<<<<
+ * cdef class Stats:
+ *     cdef public dict by_pod
+*/
+struct __pyx_obj_5proxy_7metrics_Stats {
+  PyObject_HEAD
+  struct __pyx_vtabstruct_5proxy_7metrics_Stats *__pyx_vtab;
+  PyObject *by_pod;
+  PyObject *latency;
+  double latency_sum;
+  PyObject *errors;
+  PyObject *reloads;
+  PyObject *last_reload_ok;
+  Py_ssize_t retries;
+  PyObject *failovers;
+};
+
 
 /* "proxy/routing.pxd":6
  * 
@@ -1788,7 +1811,7 @@ struct __pyx_obj_5proxy_7routing_RoutingTable {
 };
 
 
-/* "proxy/runtime.pxd":8
+/* "proxy/runtime.pxd":9
  * 
  * 
  * @cython.final             # <<<<<<<<<<<<<<
@@ -1812,7 +1835,7 @@ struct __pyx_obj_5proxy_7runtime_Runtime {
   PyObject *upstreams;
   PyObject *connections;
   int closing;
-  PyObject *stats;
+  struct __pyx_obj_5proxy_7metrics_Stats *stats;
   PyObject *health;
   PyObject *fail_statuses;
   Py_ssize_t retries;
@@ -2003,6 +2026,22 @@ struct __pyx_memoryviewslice_obj {
   __pyx_memoryview_to_dtype_func_type to_dtype_func;
 };
 
+
+
+/* "proxy/metrics.pxd":7
+ * 
+ * 
+ * @cython.final             # <<<<<<<<<<<<<<
+ * cdef class Stats:
+ *     cdef public dict by_pod
+*/
+
+struct __pyx_vtabstruct_5proxy_7metrics_Stats {
+  PyObject *(*failover)(struct __pyx_obj_5proxy_7metrics_Stats *, PyObject *, int __pyx_skip_dispatch);
+  PyObject *(*response)(struct __pyx_obj_5proxy_7metrics_Stats *, PyObject *, int, double, int __pyx_skip_dispatch);
+  PyObject *(*error)(struct __pyx_obj_5proxy_7metrics_Stats *, PyObject *, int __pyx_skip_dispatch);
+};
+static struct __pyx_vtabstruct_5proxy_7metrics_Stats *__pyx_vtabptr_5proxy_7metrics_Stats;
 
 
 /* "proxy/routing.pxd":6
@@ -3687,6 +3726,8 @@ static PyObject *__pyx_f_5proxy_7runtime_7Runtime_pool_for(struct __pyx_obj_5pro
 
 /* Module declarations from "cython" */
 
+/* Module declarations from "proxy.metrics" */
+
 /* Module declarations from "proxy.routing" */
 
 /* Module declarations from "proxy" */
@@ -4191,6 +4232,7 @@ namespace {
     PyObject *__pyx_empty_tuple;
     PyObject *__pyx_empty_bytes;
     PyObject *__pyx_empty_unicode;
+    PyTypeObject *__pyx_ptype_5proxy_7metrics_Stats;
     PyTypeObject *__pyx_ptype_5proxy_7routing_RoutingTable;
     PyObject *__pyx_type_5proxy_7runtime_Runtime;
     PyObject *__pyx_type_5proxy_7runtime___pyx_scope_struct__genexpr;
@@ -4595,6 +4637,7 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   #if CYTHON_PEP489_MULTI_PHASE_INIT
   __Pyx_State_RemoveModule(NULL);
   #endif
+  Py_CLEAR(clear_module_state->__pyx_ptype_5proxy_7metrics_Stats);
   Py_CLEAR(clear_module_state->__pyx_ptype_5proxy_7routing_RoutingTable);
   Py_CLEAR(clear_module_state->__pyx_ptype_5proxy_7runtime_Runtime);
   Py_CLEAR(clear_module_state->__pyx_type_5proxy_7runtime_Runtime);
@@ -4655,6 +4698,7 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   __Pyx_VISIT_CONST(traverse_module_state->__pyx_empty_tuple);
   __Pyx_VISIT_CONST(traverse_module_state->__pyx_empty_bytes);
   __Pyx_VISIT_CONST(traverse_module_state->__pyx_empty_unicode);
+  Py_VISIT(traverse_module_state->__pyx_ptype_5proxy_7metrics_Stats);
   Py_VISIT(traverse_module_state->__pyx_ptype_5proxy_7routing_RoutingTable);
   Py_VISIT(traverse_module_state->__pyx_ptype_5proxy_7runtime_Runtime);
   Py_VISIT(traverse_module_state->__pyx_type_5proxy_7runtime_Runtime);
@@ -19542,9 +19586,10 @@ static int __pyx_pf_5proxy_7runtime_7Runtime___init__(struct __pyx_obj_5proxy_7r
     if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 57, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
+  if (!(likely(((__pyx_t_1) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_1, __pyx_mstate_global->__pyx_ptype_5proxy_7metrics_Stats))))) __PYX_ERR(0, 57, __pyx_L1_error)
   __Pyx_GIVEREF(__pyx_t_1);
-  __Pyx_GOTREF(__pyx_v_self->stats);
-  __Pyx_DECREF_SET(__pyx_v_self->stats, __pyx_t_1);
+  __Pyx_GOTREF((PyObject *)__pyx_v_self->stats);
+  __Pyx_DECREF_SET(__pyx_v_self->stats, ((struct __pyx_obj_5proxy_7metrics_Stats *)__pyx_t_1));
   __pyx_t_1 = 0;
 
   /* "proxy/runtime.py":58
@@ -19913,7 +19958,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime___init__(struct __pyx_obj_5proxy_7r
   }
   #endif
   {
-    PyObject *__pyx_callargs[4] = {__pyx_t_1, __pyx_v_self->stats, __pyx_t_6, __pyx_v_self->shared};
+    PyObject *__pyx_callargs[4] = {__pyx_t_1, ((PyObject *)__pyx_v_self->stats), __pyx_t_6, __pyx_v_self->shared};
     __pyx_t_7 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_5, __pyx_callargs+__pyx_t_12, (4-__pyx_t_12) | (__pyx_t_12*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
     __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
@@ -20159,9 +20204,8 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_2set_assignment(struct __pyx_
   int __pyx_t_10;
   PyObject *__pyx_t_11 = NULL;
   PyObject *__pyx_t_12 = NULL;
-  PyObject *(*__pyx_t_13)(PyObject *);
+  int __pyx_t_13;
   int __pyx_t_14;
-  int __pyx_t_15;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
@@ -20357,9 +20401,9 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_2set_assignment(struct __pyx_
  *         for pod_id in [p for p in by_pod if p not in pods and p != "-"]:
  *             del by_pod[pod_id]
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_self->stats, __pyx_mstate_global->__pyx_n_u_by_pod); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 98, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_1);
-  __pyx_v_by_pod = __pyx_t_1;
+  __pyx_t_1 = __pyx_v_self->stats->by_pod;
+  __Pyx_INCREF(__pyx_t_1);
+  __pyx_v_by_pod = ((PyObject*)__pyx_t_1);
   __pyx_t_1 = 0;
 
   /* "proxy/runtime.py":99
@@ -20372,86 +20416,52 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_2set_assignment(struct __pyx_
   { /* enter inner scope */
     __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 99, __pyx_L13_error)
     __Pyx_GOTREF(__pyx_t_1);
-    if (likely(PyList_CheckExact(__pyx_v_by_pod)) || PyTuple_CheckExact(__pyx_v_by_pod)) {
-      __pyx_t_3 = __pyx_v_by_pod; __Pyx_INCREF(__pyx_t_3);
-      __pyx_t_8 = 0;
-      __pyx_t_13 = NULL;
-    } else {
-      __pyx_t_8 = -1; __pyx_t_3 = PyObject_GetIter(__pyx_v_by_pod); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 99, __pyx_L13_error)
-      __Pyx_GOTREF(__pyx_t_3);
-      __pyx_t_13 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_3); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 99, __pyx_L13_error)
+    __pyx_t_8 = 0;
+    if (unlikely(__pyx_v_by_pod == Py_None)) {
+      PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
+      __PYX_ERR(0, 99, __pyx_L13_error)
     }
-    for (;;) {
-      if (likely(!__pyx_t_13)) {
-        if (likely(PyList_CheckExact(__pyx_t_3))) {
-          {
-            Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_3);
-            #if !CYTHON_ASSUME_SAFE_SIZE
-            if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 99, __pyx_L13_error)
-            #endif
-            if (__pyx_t_8 >= __pyx_temp) break;
-          }
-          __pyx_t_2 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_3, __pyx_t_8, __Pyx_ReferenceSharing_OwnStrongReference);
-          ++__pyx_t_8;
-        } else {
-          {
-            Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_3);
-            #if !CYTHON_ASSUME_SAFE_SIZE
-            if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 99, __pyx_L13_error)
-            #endif
-            if (__pyx_t_8 >= __pyx_temp) break;
-          }
-          #if CYTHON_ASSUME_SAFE_MACROS && !CYTHON_AVOID_BORROWED_REFS
-          __pyx_t_2 = __Pyx_NewRef(PyTuple_GET_ITEM(__pyx_t_3, __pyx_t_8));
-          #else
-          __pyx_t_2 = __Pyx_PySequence_ITEM(__pyx_t_3, __pyx_t_8);
-          #endif
-          ++__pyx_t_8;
-        }
-        if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 99, __pyx_L13_error)
-      } else {
-        __pyx_t_2 = __pyx_t_13(__pyx_t_3);
-        if (unlikely(!__pyx_t_2)) {
-          PyObject* exc_type = PyErr_Occurred();
-          if (exc_type) {
-            if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 99, __pyx_L13_error)
-            PyErr_Clear();
-          }
-          break;
-        }
-      }
+    __pyx_t_2 = __Pyx_dict_iterator(__pyx_v_by_pod, 1, ((PyObject *)NULL), (&__pyx_t_7), (&__pyx_t_9)); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 99, __pyx_L13_error)
+    __Pyx_GOTREF(__pyx_t_2);
+    __Pyx_XDECREF(__pyx_t_3);
+    __pyx_t_3 = __pyx_t_2;
+    __pyx_t_2 = 0;
+    while (1) {
+      __pyx_t_10 = __Pyx_dict_iter_next(__pyx_t_3, __pyx_t_7, &__pyx_t_8, &__pyx_t_2, NULL, NULL, __pyx_t_9);
+      if (unlikely(__pyx_t_10 == 0)) break;
+      if (unlikely(__pyx_t_10 == -1)) __PYX_ERR(0, 99, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_2);
       __Pyx_XDECREF_SET(__pyx_8genexpr2__pyx_v_p, __pyx_t_2);
       __pyx_t_2 = 0;
-      __pyx_t_15 = (__Pyx_PySequence_ContainsTF(__pyx_8genexpr2__pyx_v_p, __pyx_v_pods, Py_NE)); if (unlikely((__pyx_t_15 < 0))) __PYX_ERR(0, 99, __pyx_L13_error)
-      if (__pyx_t_15) {
+      __pyx_t_14 = (__Pyx_PySequence_ContainsTF(__pyx_8genexpr2__pyx_v_p, __pyx_v_pods, Py_NE)); if (unlikely((__pyx_t_14 < 0))) __PYX_ERR(0, 99, __pyx_L13_error)
+      if (__pyx_t_14) {
 
       } else {
 
-        __pyx_t_14 = __pyx_t_15;
+        __pyx_t_13 = __pyx_t_14;
 
         goto __pyx_L17_bool_binop_done;
       }
-      __pyx_t_15 = (__Pyx_PyObject_Equals_obj_ch45(__pyx_8genexpr2__pyx_v_p, __pyx_mstate_global->__pyx_kp_u__5, Py_NE)); if (unlikely((__pyx_t_15 < 0))) __PYX_ERR(0, 99, __pyx_L13_error)
+      __pyx_t_14 = (__Pyx_PyObject_Equals_obj_ch45(__pyx_8genexpr2__pyx_v_p, __pyx_mstate_global->__pyx_kp_u__5, Py_NE)); if (unlikely((__pyx_t_14 < 0))) __PYX_ERR(0, 99, __pyx_L13_error)
 
-      __pyx_t_14 = __pyx_t_15;
+      __pyx_t_13 = __pyx_t_14;
 
       __pyx_L17_bool_binop_done:;
-      if (__pyx_t_14) {
+      if (__pyx_t_13) {
 
         if (unlikely(__Pyx_ListComp_Append(__pyx_t_1, __pyx_8genexpr2__pyx_v_p))) __PYX_ERR(0, 99, __pyx_L13_error)
       }
     }
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __Pyx_XDECREF(__pyx_8genexpr2__pyx_v_p); __pyx_8genexpr2__pyx_v_p = 0;
-    goto __pyx_L20_exit_scope;
+    goto __pyx_L19_exit_scope;
     __pyx_L13_error:;
     __Pyx_XDECREF(__pyx_8genexpr2__pyx_v_p); __pyx_8genexpr2__pyx_v_p = 0;
     goto __pyx_L1_error;
-    __pyx_L20_exit_scope:;
+    __pyx_L19_exit_scope:;
   } /* exit inner scope */
   __pyx_t_3 = __pyx_t_1; __Pyx_INCREF(__pyx_t_3);
-  __pyx_t_8 = 0;
+  __pyx_t_7 = 0;
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   for (;;) {
     {
@@ -20459,10 +20469,10 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_2set_assignment(struct __pyx_
       #if !CYTHON_ASSUME_SAFE_SIZE
       if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 99, __pyx_L1_error)
       #endif
-      if (__pyx_t_8 >= __pyx_temp) break;
+      if (__pyx_t_7 >= __pyx_temp) break;
     }
-    __pyx_t_1 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_3, __pyx_t_8, __Pyx_ReferenceSharing_OwnStrongReference);
-    ++__pyx_t_8;
+    __pyx_t_1 = __Pyx_PyList_GET_ITEM_REF(__pyx_t_3, __pyx_t_7, __Pyx_ReferenceSharing_OwnStrongReference);
+    ++__pyx_t_7;
     if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 99, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_XDECREF_SET(__pyx_v_pod_id, __pyx_t_1);
@@ -20475,7 +20485,11 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_2set_assignment(struct __pyx_
  * 
  *     def gauges(self) -> dict[str, float]:
 */
-    if (unlikely((PyObject_DelItem(__pyx_v_by_pod, __pyx_v_pod_id) < 0))) __PYX_ERR(0, 100, __pyx_L1_error)
+    if (unlikely(__pyx_v_by_pod == Py_None)) {
+      PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
+      __PYX_ERR(0, 100, __pyx_L1_error)
+    }
+    if (unlikely((PyDict_DelItem(__pyx_v_by_pod, __pyx_v_pod_id) < 0))) __PYX_ERR(0, 100, __pyx_L1_error)
 
     /* "proxy/runtime.py":99
  *         self.upstreams.prune({(p.host, p.port) for p in pods.values()})
@@ -21676,7 +21690,7 @@ static PyObject *__pyx_gb_5proxy_7runtime_7Runtime_10generator(__pyx_CoroutineOb
 */
         __pyx_t_6 = __pyx_cur_scope->__pyx_v_self->shared;
         __Pyx_INCREF(__pyx_t_6);
-        __pyx_t_8 = __pyx_cur_scope->__pyx_v_self->stats;
+        __pyx_t_8 = ((PyObject *)__pyx_cur_scope->__pyx_v_self->stats);
         __Pyx_INCREF(__pyx_t_8);
         __pyx_t_9 = 0;
         {
@@ -22152,7 +22166,7 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_11pool_for(struct __pyx_obj_5
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":10
+/* "proxy/runtime.pxd":11
  * @cython.final
  * cdef class Runtime:
  *     cdef public object settings             # <<<<<<<<<<<<<<
@@ -22315,7 +22329,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_8settings_4__del__(struct __pyx_obj
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":11
+/* "proxy/runtime.pxd":12
  * cdef class Runtime:
  *     cdef public object settings
  *     cdef public object loop             # <<<<<<<<<<<<<<
@@ -22478,7 +22492,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_4loop_4__del__(struct __pyx_obj_5pr
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":12
+/* "proxy/runtime.pxd":13
  *     cdef public object settings
  *     cdef public object loop
  *     cdef public bint response_headers             # <<<<<<<<<<<<<<
@@ -22517,7 +22531,7 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_16response_headers___get__(st
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyBool_FromLong(__pyx_v_self->response_headers); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 12, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyBool_FromLong(__pyx_v_self->response_headers); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 13, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -22590,7 +22604,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_16response_headers_2__set__(struct 
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_v_value); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(2, 12, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_v_value); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(2, 13, __pyx_L4_error)
         __pyx_v_self->response_headers = __pyx_t_2;
       }
       /*finally:*/ {
@@ -22620,7 +22634,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_16response_headers_2__set__(struct 
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":13
+/* "proxy/runtime.pxd":14
  *     cdef public object loop
  *     cdef public bint response_headers
  *     cdef public str missing_key             # <<<<<<<<<<<<<<
@@ -22719,7 +22733,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_11missing_key_2__set__(struct __pyx
       /*try:*/ {
         __pyx_t_2 = __pyx_v_value;
         __Pyx_INCREF(__pyx_t_2);
-        if (!(likely(PyUnicode_CheckExact(__pyx_t_2))||((__pyx_t_2) == Py_None) || __Pyx_RaiseUnexpectedTypeError("str", __pyx_t_2))) __PYX_ERR(2, 13, __pyx_L4_error)
+        if (!(likely(PyUnicode_CheckExact(__pyx_t_2))||((__pyx_t_2) == Py_None) || __Pyx_RaiseUnexpectedTypeError("str", __pyx_t_2))) __PYX_ERR(2, 14, __pyx_L4_error)
         __Pyx_GIVEREF(__pyx_t_2);
         __Pyx_GOTREF(__pyx_v_self->missing_key);
         __Pyx_DECREF_SET(__pyx_v_self->missing_key, ((PyObject*)__pyx_t_2));
@@ -22801,7 +22815,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_11missing_key_4__del__(struct __pyx
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":14
+/* "proxy/runtime.pxd":15
  *     cdef public bint response_headers
  *     cdef public str missing_key
  *     cdef public double header_timeout             # <<<<<<<<<<<<<<
@@ -22840,7 +22854,7 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_14header_timeout___get__(stru
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = PyFloat_FromDouble(__pyx_v_self->header_timeout); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 14, __pyx_L4_error)
+        __pyx_t_2 = PyFloat_FromDouble(__pyx_v_self->header_timeout); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 15, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -22913,7 +22927,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_14header_timeout_2__set__(struct __
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_value); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(2, 14, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_value); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(2, 15, __pyx_L4_error)
         __pyx_v_self->header_timeout = __pyx_t_2;
       }
       /*finally:*/ {
@@ -22943,7 +22957,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_14header_timeout_2__set__(struct __
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":15
+/* "proxy/runtime.pxd":16
  *     cdef public str missing_key
  *     cdef public double header_timeout
  *     cdef public double body_timeout             # <<<<<<<<<<<<<<
@@ -22982,7 +22996,7 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_12body_timeout___get__(struct
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = PyFloat_FromDouble(__pyx_v_self->body_timeout); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 15, __pyx_L4_error)
+        __pyx_t_2 = PyFloat_FromDouble(__pyx_v_self->body_timeout); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 16, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -23055,7 +23069,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_12body_timeout_2__set__(struct __py
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_value); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(2, 15, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_value); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(2, 16, __pyx_L4_error)
         __pyx_v_self->body_timeout = __pyx_t_2;
       }
       /*finally:*/ {
@@ -23085,7 +23099,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_12body_timeout_2__set__(struct __py
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":16
+/* "proxy/runtime.pxd":17
  *     cdef public double header_timeout
  *     cdef public double body_timeout
  *     cdef public double idle_timeout             # <<<<<<<<<<<<<<
@@ -23124,7 +23138,7 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_12idle_timeout___get__(struct
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = PyFloat_FromDouble(__pyx_v_self->idle_timeout); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 16, __pyx_L4_error)
+        __pyx_t_2 = PyFloat_FromDouble(__pyx_v_self->idle_timeout); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 17, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -23197,7 +23211,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_12idle_timeout_2__set__(struct __py
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_value); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(2, 16, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_value); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(2, 17, __pyx_L4_error)
         __pyx_v_self->idle_timeout = __pyx_t_2;
       }
       /*finally:*/ {
@@ -23227,7 +23241,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_12idle_timeout_2__set__(struct __py
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":17
+/* "proxy/runtime.pxd":18
  *     cdef public double body_timeout
  *     cdef public double idle_timeout
  *     cdef public double send_timeout             # <<<<<<<<<<<<<<
@@ -23266,7 +23280,7 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_12send_timeout___get__(struct
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = PyFloat_FromDouble(__pyx_v_self->send_timeout); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 17, __pyx_L4_error)
+        __pyx_t_2 = PyFloat_FromDouble(__pyx_v_self->send_timeout); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 18, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -23339,7 +23353,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_12send_timeout_2__set__(struct __py
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_value); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(2, 17, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_value); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(2, 18, __pyx_L4_error)
         __pyx_v_self->send_timeout = __pyx_t_2;
       }
       /*finally:*/ {
@@ -23369,7 +23383,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_12send_timeout_2__set__(struct __py
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":18
+/* "proxy/runtime.pxd":19
  *     cdef public double idle_timeout
  *     cdef public double send_timeout
  *     cdef public object request_policy             # <<<<<<<<<<<<<<
@@ -23532,7 +23546,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_14request_policy_4__del__(struct __
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":19
+/* "proxy/runtime.pxd":20
  *     cdef public double send_timeout
  *     cdef public object request_policy
  *     cdef public double timer_step             # <<<<<<<<<<<<<<
@@ -23571,7 +23585,7 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_10timer_step___get__(struct _
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = PyFloat_FromDouble(__pyx_v_self->timer_step); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 19, __pyx_L4_error)
+        __pyx_t_2 = PyFloat_FromDouble(__pyx_v_self->timer_step); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 20, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -23644,7 +23658,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_10timer_step_2__set__(struct __pyx_
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_value); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(2, 19, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_value); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(2, 20, __pyx_L4_error)
         __pyx_v_self->timer_step = __pyx_t_2;
       }
       /*finally:*/ {
@@ -23674,7 +23688,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_10timer_step_2__set__(struct __pyx_
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":20
+/* "proxy/runtime.pxd":21
  *     cdef public object request_policy
  *     cdef public double timer_step
  *     cdef public proxy.routing.RoutingTable table             # <<<<<<<<<<<<<<
@@ -23773,7 +23787,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_5table_2__set__(struct __pyx_obj_5p
       /*try:*/ {
         __pyx_t_2 = __pyx_v_value;
         __Pyx_INCREF(__pyx_t_2);
-        if (!(likely(((__pyx_t_2) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_2, __pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable))))) __PYX_ERR(2, 20, __pyx_L4_error)
+        if (!(likely(((__pyx_t_2) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_2, __pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable))))) __PYX_ERR(2, 21, __pyx_L4_error)
         __Pyx_GIVEREF(__pyx_t_2);
         __Pyx_GOTREF((PyObject *)__pyx_v_self->table);
         __Pyx_DECREF_SET(__pyx_v_self->table, ((struct __pyx_obj_5proxy_7routing_RoutingTable *)__pyx_t_2));
@@ -23855,7 +23869,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_5table_4__del__(struct __pyx_obj_5p
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":21
+/* "proxy/runtime.pxd":22
  *     cdef public double timer_step
  *     cdef public proxy.routing.RoutingTable table
  *     cdef public object upstreams             # <<<<<<<<<<<<<<
@@ -24018,12 +24032,12 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_9upstreams_4__del__(struct __pyx_ob
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":22
+/* "proxy/runtime.pxd":23
  *     cdef public proxy.routing.RoutingTable table
  *     cdef public object upstreams
  *     cdef public set connections             # <<<<<<<<<<<<<<
  *     cdef public bint closing
- *     cdef public object stats
+ *     cdef public proxy.metrics.Stats stats
 */
 
 /* Python wrapper */
@@ -24117,7 +24131,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_11connections_2__set__(struct __pyx
       /*try:*/ {
         __pyx_t_2 = __pyx_v_value;
         __Pyx_INCREF(__pyx_t_2);
-        if (!(likely(PySet_CheckExact(__pyx_t_2))||((__pyx_t_2) == Py_None) || __Pyx_RaiseUnexpectedTypeError("set", __pyx_t_2))) __PYX_ERR(2, 22, __pyx_L4_error)
+        if (!(likely(PySet_CheckExact(__pyx_t_2))||((__pyx_t_2) == Py_None) || __Pyx_RaiseUnexpectedTypeError("set", __pyx_t_2))) __PYX_ERR(2, 23, __pyx_L4_error)
         __Pyx_GIVEREF(__pyx_t_2);
         __Pyx_GOTREF(__pyx_v_self->connections);
         __Pyx_DECREF_SET(__pyx_v_self->connections, ((PyObject*)__pyx_t_2));
@@ -24199,11 +24213,11 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_11connections_4__del__(struct __pyx
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":23
+/* "proxy/runtime.pxd":24
  *     cdef public object upstreams
  *     cdef public set connections
  *     cdef public bint closing             # <<<<<<<<<<<<<<
- *     cdef public object stats
+ *     cdef public proxy.metrics.Stats stats
  *     cdef public object health
 */
 
@@ -24238,7 +24252,7 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_7closing___get__(struct __pyx
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyBool_FromLong(__pyx_v_self->closing); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 23, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyBool_FromLong(__pyx_v_self->closing); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 24, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -24311,7 +24325,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_7closing_2__set__(struct __pyx_obj_
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_v_value); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(2, 23, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_v_value); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(2, 24, __pyx_L4_error)
         __pyx_v_self->closing = __pyx_t_2;
       }
       /*finally:*/ {
@@ -24341,10 +24355,10 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_7closing_2__set__(struct __pyx_obj_
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":24
+/* "proxy/runtime.pxd":25
  *     cdef public set connections
  *     cdef public bint closing
- *     cdef public object stats             # <<<<<<<<<<<<<<
+ *     cdef public proxy.metrics.Stats stats             # <<<<<<<<<<<<<<
  *     cdef public object health
  *     cdef public object fail_statuses
 */
@@ -24380,8 +24394,8 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_5stats___get__(struct __pyx_o
           PyObject *__pyx_temp;
           {
             __pyx_temp = __pyx_r;
-            __Pyx_INCREF(__pyx_v_self->stats);
-            __pyx_r = __pyx_v_self->stats;
+            __Pyx_INCREF((PyObject *)__pyx_v_self->stats);
+            __pyx_r = ((PyObject *)__pyx_v_self->stats);
           }
           __Pyx_XDECREF(__pyx_temp);
         }
@@ -24427,6 +24441,10 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_5stats_2__set__(struct __pyx_obj_5p
   int __pyx_r;
   __Pyx_RefNannyDeclarations
   PyObject *__pyx_t_1 = NULL;
+  PyObject *__pyx_t_2 = NULL;
+  int __pyx_lineno = 0;
+  const char *__pyx_filename = NULL;
+  int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__set__", 0);
   {
       __Pyx_PyCriticalSection __pyx_cs;
@@ -24434,15 +24452,22 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_5stats_2__set__(struct __pyx_obj_5p
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __Pyx_INCREF(__pyx_v_value);
-        __Pyx_GIVEREF(__pyx_v_value);
-        __Pyx_GOTREF(__pyx_v_self->stats);
-        __Pyx_DECREF_SET(__pyx_v_self->stats, __pyx_v_value);
+        __pyx_t_2 = __pyx_v_value;
+        __Pyx_INCREF(__pyx_t_2);
+        if (!(likely(((__pyx_t_2) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_2, __pyx_mstate_global->__pyx_ptype_5proxy_7metrics_Stats))))) __PYX_ERR(2, 25, __pyx_L4_error)
+        __Pyx_GIVEREF(__pyx_t_2);
+        __Pyx_GOTREF((PyObject *)__pyx_v_self->stats);
+        __Pyx_DECREF_SET(__pyx_v_self->stats, ((struct __pyx_obj_5proxy_7metrics_Stats *)__pyx_t_2));
+        __pyx_t_2 = 0;
       }
       /*finally:*/ {
         /*normal exit:*/{
           __Pyx_PyCriticalSection_End(&__pyx_cs);
           goto __pyx_L5;
+        }
+        __pyx_L4_error: {
+          __Pyx_PyCriticalSection_End(&__pyx_cs);
+          goto __pyx_L1_error;
         }
         __pyx_L5:;
       }
@@ -24451,6 +24476,13 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_5stats_2__set__(struct __pyx_obj_5p
 
   /* function exit code */
   __pyx_r = 0;
+  goto __pyx_L0;
+  __pyx_L1_error:;
+  __Pyx_XDECREF(__pyx_t_1);
+  __Pyx_XDECREF(__pyx_t_2);
+  __Pyx_AddTraceback("proxy.runtime.Runtime.stats.__set__", __pyx_clineno, __pyx_lineno, __pyx_filename);
+  __pyx_r = -1;
+  __pyx_L0:;
 
   __Pyx_RefNannyFinishContext();
   return __pyx_r;
@@ -24484,8 +24516,8 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_5stats_4__del__(struct __pyx_obj_5p
       /*try:*/ {
         __Pyx_INCREF(Py_None);
         __Pyx_GIVEREF(Py_None);
-        __Pyx_GOTREF(__pyx_v_self->stats);
-        __Pyx_DECREF_SET(__pyx_v_self->stats, Py_None);
+        __Pyx_GOTREF((PyObject *)__pyx_v_self->stats);
+        __Pyx_DECREF_SET(__pyx_v_self->stats, ((struct __pyx_obj_5proxy_7metrics_Stats *)Py_None));
       }
       /*finally:*/ {
         /*normal exit:*/{
@@ -24504,9 +24536,9 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_5stats_4__del__(struct __pyx_obj_5p
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":25
+/* "proxy/runtime.pxd":26
  *     cdef public bint closing
- *     cdef public object stats
+ *     cdef public proxy.metrics.Stats stats
  *     cdef public object health             # <<<<<<<<<<<<<<
  *     cdef public object fail_statuses
  *     cdef public Py_ssize_t retries
@@ -24667,8 +24699,8 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_6health_4__del__(struct __pyx_obj_5
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":26
- *     cdef public object stats
+/* "proxy/runtime.pxd":27
+ *     cdef public proxy.metrics.Stats stats
  *     cdef public object health
  *     cdef public object fail_statuses             # <<<<<<<<<<<<<<
  *     cdef public Py_ssize_t retries
@@ -24830,7 +24862,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_13fail_statuses_4__del__(struct __p
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":27
+/* "proxy/runtime.pxd":28
  *     cdef public object health
  *     cdef public object fail_statuses
  *     cdef public Py_ssize_t retries             # <<<<<<<<<<<<<<
@@ -24869,7 +24901,7 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_7retries___get__(struct __pyx
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = PyLong_FromSsize_t(__pyx_v_self->retries); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 27, __pyx_L4_error)
+        __pyx_t_2 = PyLong_FromSsize_t(__pyx_v_self->retries); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 28, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -24942,7 +24974,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_7retries_2__set__(struct __pyx_obj_
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyIndex_AsSsize_t(__pyx_v_value); if (unlikely((__pyx_t_2 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(2, 27, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyIndex_AsSsize_t(__pyx_v_value); if (unlikely((__pyx_t_2 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(2, 28, __pyx_L4_error)
         __pyx_v_self->retries = __pyx_t_2;
       }
       /*finally:*/ {
@@ -24972,7 +25004,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_7retries_2__set__(struct __pyx_obj_
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":28
+/* "proxy/runtime.pxd":29
  *     cdef public object fail_statuses
  *     cdef public Py_ssize_t retries
  *     cdef public double request_budget             # <<<<<<<<<<<<<<
@@ -25011,7 +25043,7 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_14request_budget___get__(stru
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = PyFloat_FromDouble(__pyx_v_self->request_budget); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 28, __pyx_L4_error)
+        __pyx_t_2 = PyFloat_FromDouble(__pyx_v_self->request_budget); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 29, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -25084,7 +25116,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_14request_budget_2__set__(struct __
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_value); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(2, 28, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyFloat_AsDouble(__pyx_v_value); if (unlikely((__pyx_t_2 == (double)-1) && PyErr_Occurred())) __PYX_ERR(2, 29, __pyx_L4_error)
         __pyx_v_self->request_budget = __pyx_t_2;
       }
       /*finally:*/ {
@@ -25114,7 +25146,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_14request_budget_2__set__(struct __
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":29
+/* "proxy/runtime.pxd":30
  *     cdef public Py_ssize_t retries
  *     cdef public double request_budget
  *     cdef public bint access_log             # <<<<<<<<<<<<<<
@@ -25153,7 +25185,7 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_10access_log___get__(struct _
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyBool_FromLong(__pyx_v_self->access_log); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 29, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyBool_FromLong(__pyx_v_self->access_log); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 30, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -25226,7 +25258,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_10access_log_2__set__(struct __pyx_
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_v_value); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(2, 29, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_v_value); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(2, 30, __pyx_L4_error)
         __pyx_v_self->access_log = __pyx_t_2;
       }
       /*finally:*/ {
@@ -25256,7 +25288,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_10access_log_2__set__(struct __pyx_
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":30
+/* "proxy/runtime.pxd":31
  *     cdef public double request_budget
  *     cdef public bint access_log
  *     cdef public bint access_log_keys             # <<<<<<<<<<<<<<
@@ -25295,7 +25327,7 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_15access_log_keys___get__(str
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyBool_FromLong(__pyx_v_self->access_log_keys); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 30, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyBool_FromLong(__pyx_v_self->access_log_keys); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 31, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -25368,7 +25400,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_15access_log_keys_2__set__(struct _
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_v_value); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(2, 30, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyObject_IsTrue(__pyx_v_value); if (unlikely((__pyx_t_2 == (int)-1) && PyErr_Occurred())) __PYX_ERR(2, 31, __pyx_L4_error)
         __pyx_v_self->access_log_keys = __pyx_t_2;
       }
       /*finally:*/ {
@@ -25398,7 +25430,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_15access_log_keys_2__set__(struct _
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":31
+/* "proxy/runtime.pxd":32
  *     cdef public bint access_log
  *     cdef public bint access_log_keys
  *     cdef public Py_ssize_t request_count             # <<<<<<<<<<<<<<
@@ -25437,7 +25469,7 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_13request_count___get__(struc
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = PyLong_FromSsize_t(__pyx_v_self->request_count); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 31, __pyx_L4_error)
+        __pyx_t_2 = PyLong_FromSsize_t(__pyx_v_self->request_count); if (unlikely(!__pyx_t_2)) __PYX_ERR(2, 32, __pyx_L4_error)
         __Pyx_GOTREF(__pyx_t_2);
         {
           PyObject *__pyx_temp;
@@ -25510,7 +25542,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_13request_count_2__set__(struct __p
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_PyCriticalSection_Begin(&__pyx_cs, (PyObject*)__pyx_t_1);
       /*try:*/ {
-        __pyx_t_2 = __Pyx_PyIndex_AsSsize_t(__pyx_v_value); if (unlikely((__pyx_t_2 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(2, 31, __pyx_L4_error)
+        __pyx_t_2 = __Pyx_PyIndex_AsSsize_t(__pyx_v_value); if (unlikely((__pyx_t_2 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(2, 32, __pyx_L4_error)
         __pyx_v_self->request_count = __pyx_t_2;
       }
       /*finally:*/ {
@@ -25540,7 +25572,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_13request_count_2__set__(struct __p
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":32
+/* "proxy/runtime.pxd":33
  *     cdef public bint access_log_keys
  *     cdef public Py_ssize_t request_count
  *     cdef public str id_prefix             # <<<<<<<<<<<<<<
@@ -25639,7 +25671,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_9id_prefix_2__set__(struct __pyx_ob
       /*try:*/ {
         __pyx_t_2 = __pyx_v_value;
         __Pyx_INCREF(__pyx_t_2);
-        if (!(likely(PyUnicode_CheckExact(__pyx_t_2))||((__pyx_t_2) == Py_None) || __Pyx_RaiseUnexpectedTypeError("str", __pyx_t_2))) __PYX_ERR(2, 32, __pyx_L4_error)
+        if (!(likely(PyUnicode_CheckExact(__pyx_t_2))||((__pyx_t_2) == Py_None) || __Pyx_RaiseUnexpectedTypeError("str", __pyx_t_2))) __PYX_ERR(2, 33, __pyx_L4_error)
         __Pyx_GIVEREF(__pyx_t_2);
         __Pyx_GOTREF(__pyx_v_self->id_prefix);
         __Pyx_DECREF_SET(__pyx_v_self->id_prefix, ((PyObject*)__pyx_t_2));
@@ -25721,7 +25753,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_9id_prefix_4__del__(struct __pyx_ob
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":33
+/* "proxy/runtime.pxd":34
  *     cdef public Py_ssize_t request_count
  *     cdef public str id_prefix
  *     cdef public object shared             # <<<<<<<<<<<<<<
@@ -25884,7 +25916,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_6shared_4__del__(struct __pyx_obj_5
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":34
+/* "proxy/runtime.pxd":35
  *     cdef public str id_prefix
  *     cdef public object shared
  *     cdef public object collector             # <<<<<<<<<<<<<<
@@ -26047,7 +26079,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_9collector_4__del__(struct __pyx_ob
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":35
+/* "proxy/runtime.pxd":36
  *     cdef public object shared
  *     cdef public object collector
  *     cdef public object table_loaded_at             # <<<<<<<<<<<<<<
@@ -26210,7 +26242,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_15table_loaded_at_4__del__(struct _
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":36
+/* "proxy/runtime.pxd":37
  *     cdef public object collector
  *     cdef public object table_loaded_at
  *     cdef public object last_reload_error             # <<<<<<<<<<<<<<
@@ -26373,7 +26405,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_17last_reload_error_4__del__(struct
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":37
+/* "proxy/runtime.pxd":38
  *     cdef public object table_loaded_at
  *     cdef public object last_reload_error
  *     cdef public object admin_port             # <<<<<<<<<<<<<<
@@ -26536,7 +26568,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_10admin_port_4__del__(struct __pyx_
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":38
+/* "proxy/runtime.pxd":39
  *     cdef public object last_reload_error
  *     cdef public object admin_port
  *     cdef public object offload             # <<<<<<<<<<<<<<
@@ -26699,7 +26731,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_7offload_4__del__(struct __pyx_obj_
   return __pyx_r;
 }
 
-/* "proxy/runtime.pxd":39
+/* "proxy/runtime.pxd":40
  *     cdef public object admin_port
  *     cdef public object offload
  *     cdef public set _background             # <<<<<<<<<<<<<<
@@ -26798,7 +26830,7 @@ static int __pyx_pf_5proxy_7runtime_7Runtime_11_background_2__set__(struct __pyx
       /*try:*/ {
         __pyx_t_2 = __pyx_v_value;
         __Pyx_INCREF(__pyx_t_2);
-        if (!(likely(PySet_CheckExact(__pyx_t_2))||((__pyx_t_2) == Py_None) || __Pyx_RaiseUnexpectedTypeError("set", __pyx_t_2))) __PYX_ERR(2, 39, __pyx_L4_error)
+        if (!(likely(PySet_CheckExact(__pyx_t_2))||((__pyx_t_2) == Py_None) || __Pyx_RaiseUnexpectedTypeError("set", __pyx_t_2))) __PYX_ERR(2, 40, __pyx_L4_error)
         __Pyx_GIVEREF(__pyx_t_2);
         __Pyx_GOTREF(__pyx_v_self->_background);
         __Pyx_DECREF_SET(__pyx_v_self->_background, ((PyObject*)__pyx_t_2));
@@ -27066,9 +27098,9 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_13__reduce_cython__(struct __
         __Pyx_INCREF(__pyx_v_self->shared);
         __Pyx_GIVEREF(__pyx_v_self->shared);
         if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 24, __pyx_v_self->shared) != (0)) __PYX_ERR(1, 6, __pyx_L4_error);
-        __Pyx_INCREF(__pyx_v_self->stats);
-        __Pyx_GIVEREF(__pyx_v_self->stats);
-        if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 25, __pyx_v_self->stats) != (0)) __PYX_ERR(1, 6, __pyx_L4_error);
+        __Pyx_INCREF((PyObject *)__pyx_v_self->stats);
+        __Pyx_GIVEREF((PyObject *)__pyx_v_self->stats);
+        if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 25, ((PyObject *)__pyx_v_self->stats)) != (0)) __PYX_ERR(1, 6, __pyx_L4_error);
         __Pyx_INCREF((PyObject *)__pyx_v_self->table);
         __Pyx_GIVEREF((PyObject *)__pyx_v_self->table);
         if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 26, ((PyObject *)__pyx_v_self->table)) != (0)) __PYX_ERR(1, 6, __pyx_L4_error);
@@ -27324,7 +27356,7 @@ static PyObject *__pyx_pf_5proxy_7runtime_7Runtime_13__reduce_cython__(struct __
 
       goto __pyx_L9_bool_binop_done;
     }
-    __pyx_t_16 = (__pyx_v_self->stats != Py_None);
+    __pyx_t_16 = (((PyObject *)__pyx_v_self->stats) != Py_None);
     if (!__pyx_t_16) {
 
     } else {
@@ -28030,9 +28062,10 @@ static PyObject *__pyx_f_5proxy_7runtime___pyx_unpickle_Runtime__set_state(struc
   __pyx_t_1 = 0;
   __pyx_t_1 = __Pyx_GetItemInt(__pyx_v___pyx_state, 25, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_FunctionArgument); if (unlikely(!__pyx_t_1)) __PYX_ERR(1, 12, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
+  if (!(likely(((__pyx_t_1) == Py_None) || likely(__Pyx_TypeTest(__pyx_t_1, __pyx_mstate_global->__pyx_ptype_5proxy_7metrics_Stats))))) __PYX_ERR(1, 12, __pyx_L1_error)
   __Pyx_GIVEREF(__pyx_t_1);
-  __Pyx_GOTREF(__pyx_v___pyx_result->stats);
-  __Pyx_DECREF_SET(__pyx_v___pyx_result->stats, __pyx_t_1);
+  __Pyx_GOTREF((PyObject *)__pyx_v___pyx_result->stats);
+  __Pyx_DECREF_SET(__pyx_v___pyx_result->stats, ((struct __pyx_obj_5proxy_7metrics_Stats *)__pyx_t_1));
   __pyx_t_1 = 0;
   __pyx_t_1 = __Pyx_GetItemInt(__pyx_v___pyx_state, 26, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_FunctionArgument); if (unlikely(!__pyx_t_1)) __PYX_ERR(1, 12, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
@@ -28106,7 +28139,7 @@ static PyObject *__pyx_tp_new__initialisation_5proxy_7runtime_Runtime(PyObject *
   p->table = ((struct __pyx_obj_5proxy_7routing_RoutingTable *)Py_None); Py_INCREF(Py_None);
   p->upstreams = Py_None; Py_INCREF(Py_None);
   p->connections = ((PyObject*)Py_None); Py_INCREF(Py_None);
-  p->stats = Py_None; Py_INCREF(Py_None);
+  p->stats = ((struct __pyx_obj_5proxy_7metrics_Stats *)Py_None); Py_INCREF(Py_None);
   p->health = Py_None; Py_INCREF(Py_None);
   p->fail_statuses = Py_None; Py_INCREF(Py_None);
   p->id_prefix = ((PyObject*)Py_None); Py_INCREF(Py_None);
@@ -28229,7 +28262,7 @@ static int __pyx_tp_traverse_5proxy_7runtime_Runtime(PyObject *o, visitproc v, v
     e = (*v)(p->connections, a); if (e) return e;
   }
   if (p->stats) {
-    e = (*v)(p->stats, a); if (e) return e;
+    e = (*v)(((PyObject *)p->stats), a); if (e) return e;
   }
   if (p->health) {
     e = (*v)(p->health, a); if (e) return e;
@@ -28283,7 +28316,7 @@ static int __pyx_tp_clear_5proxy_7runtime_Runtime(PyObject *o) {
   p->connections = ((PyObject*)Py_None); Py_INCREF(Py_None);
   Py_XDECREF(tmp);
   tmp = ((PyObject*)p->stats);
-  p->stats = Py_None; Py_INCREF(Py_None);
+  p->stats = ((struct __pyx_obj_5proxy_7metrics_Stats *)Py_None); Py_INCREF(Py_None);
   Py_XDECREF(tmp);
   tmp = ((PyObject*)p->health);
   p->health = Py_None; Py_INCREF(Py_None);
@@ -31744,7 +31777,20 @@ static int __Pyx_modinit_Type_import_code(__pyx_mstatetype *__pyx_mstate) {
   CYTHON_UNUSED_VAR(__pyx_mstate);
   __Pyx_RefNannySetupContext("__Pyx_modinit_Type_import_code", 0);
   /*--- Type import code ---*/
-  __pyx_t_1 = PyImport_ImportModule("proxy.routing"); if (unlikely(!__pyx_t_1)) __PYX_ERR(3, 6, __pyx_L1_error)
+  __pyx_t_1 = PyImport_ImportModule("proxy.metrics"); if (unlikely(!__pyx_t_1)) __PYX_ERR(3, 7, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_mstate->__pyx_ptype_5proxy_7metrics_Stats = __Pyx_ImportType_3_3_1(__pyx_t_1, "proxy.metrics", "Stats",
+  #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
+  sizeof(struct __pyx_obj_5proxy_7metrics_Stats), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(struct __pyx_obj_5proxy_7metrics_Stats),
+  #elif CYTHON_COMPILING_IN_LIMITED_API
+  sizeof(struct __pyx_obj_5proxy_7metrics_Stats), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(struct __pyx_obj_5proxy_7metrics_Stats),
+  #else
+  sizeof(struct __pyx_obj_5proxy_7metrics_Stats), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(struct __pyx_obj_5proxy_7metrics_Stats),
+  #endif
+  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5proxy_7metrics_Stats) __PYX_ERR(3, 7, __pyx_L1_error)
+  if (unlikely(__Pyx_GetVtable(__pyx_mstate->__pyx_ptype_5proxy_7metrics_Stats, (void**)&__pyx_vtabptr_5proxy_7metrics_Stats) != 1)) __PYX_ERR(3, 7, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  __pyx_t_1 = PyImport_ImportModule("proxy.routing"); if (unlikely(!__pyx_t_1)) __PYX_ERR(4, 6, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable = __Pyx_ImportType_3_3_1(__pyx_t_1, "proxy.routing", "RoutingTable",
   #if defined(PYPY_VERSION_NUM) && PYPY_VERSION_NUM < 0x050B0000
@@ -31754,8 +31800,8 @@ static int __Pyx_modinit_Type_import_code(__pyx_mstatetype *__pyx_mstate) {
   #else
   sizeof(struct __pyx_obj_5proxy_7routing_RoutingTable), __PYX_GET_STRUCT_ALIGNMENT_3_3_1(struct __pyx_obj_5proxy_7routing_RoutingTable),
   #endif
-  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable) __PYX_ERR(3, 6, __pyx_L1_error)
-  if (unlikely(__Pyx_GetVtable(__pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable, (void**)&__pyx_vtabptr_5proxy_7routing_RoutingTable) != 1)) __PYX_ERR(3, 6, __pyx_L1_error)
+  __Pyx_ImportType_CheckSize_Warn_3_3_1); if (!__pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable) __PYX_ERR(4, 6, __pyx_L1_error)
+  if (unlikely(__Pyx_GetVtable(__pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable, (void**)&__pyx_vtabptr_5proxy_7routing_RoutingTable) != 1)) __PYX_ERR(4, 6, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __Pyx_RefNannyFinishContext();
   return 0;

@@ -2,6 +2,7 @@
 # data plane reads these fields as C struct members. The .py stays the source,
 # and runs as it is when the extension is not built.
 cimport cython
+cimport proxy.metrics
 cimport proxy.routing
 
 
@@ -21,7 +22,7 @@ cdef class Runtime:
     cdef public object upstreams
     cdef public set connections
     cdef public bint closing
-    cdef public object stats
+    cdef public proxy.metrics.Stats stats
     cdef public object health
     cdef public object fail_statuses
     cdef public Py_ssize_t retries

@@ -287,6 +287,7 @@ def test_dockerfile_passes_hadolint_and_has_the_promised_shape() -> None:
     assert ignore[1] == "*" and f"!{config_src}" in ignore
 
 
+@pytest.mark.timeout(240)  # the wheel build compiles the data plane (about 25 s on 2 idle cores)
 def test_dockerfile_install_steps_work_in_a_fresh_venv(tmp_path: Path) -> None:
     """The build stage's steps, offline: the files its COPY lines name are
     enough to build the wheel; the wheel installed alone into a new venv (the

@@ -8,7 +8,6 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.string cimport memcpy
 
 from . import heads, wire
-from .heads import RequestHead
 
 # The reference's tables, so the two cannot drift apart.
 cdef dict _SPECIAL = heads._SPECIAL
@@ -17,6 +16,33 @@ cdef int _H_CL = heads._H_CL, _H_TE = heads._H_TE, _H_CONN = heads._H_CONN, _H_V
 cdef int _H_XFF = heads._H_XFF, _H_HOST = heads._H_HOST, _H_UPGRADE = heads._H_UPGRADE
 cdef bytes _CRLF = b"\r\n"
 cdef bytes _SEP = b": "
+
+
+cdef class RequestHead:
+    """``heads.RequestHead`` as a C type (see _cheads.pxd): the client
+    protocol reads its fields as C struct members."""
+
+    __slots__ = heads.RequestHead.__slots__
+
+    def __init__(self, bytes method, bytes url):
+        self.method = method
+        self.url = url
+        self.http11 = True
+        self.keep_alive = True
+        self.close_after = False
+        self.key = None
+        self.req_length = -1
+        self.chunked = False
+        self.upgrade = False
+        self.body_left = 0
+        self.host_given = False
+        self.head = b""
+        self.reject = None
+        self.refuse = None
+
+    def facts(self):
+        """Everything it found, for comparing two rewriters."""
+        return tuple(getattr(self, name) for name in heads.RequestHead.__slots__)
 
 
 cdef inline bint _maybe_lookalike(bytes lname):
@@ -81,7 +107,7 @@ def rewrite_request(
     bytes peer,
 ):
     """See ``heads.rewrite_request``."""
-    h = RequestHead(method, url)
+    cdef RequestHead h = RequestHead(method, url)
     cdef Py_ssize_t size = len(url)
     cdef tuple pair
     cdef bytes name, value, lname

@@ -2,6 +2,7 @@
 # the .py stays the source, and runs as it is when the extension is not built.
 cimport cython
 cimport proxy.runtime
+from proxy.http1._cheads cimport RequestHead
 from proxy.http1.exchange cimport Exchange
 from proxy.http1.upstream cimport Pool, UpstreamConnection
 
@@ -43,6 +44,7 @@ cdef class ClientProtocol:
     cpdef on_message_begin(self)
     cpdef on_url(self, bytes url)
     cpdef on_header(self, bytes name, bytes value)
+    @cython.locals(h=RequestHead)
     cpdef on_headers_complete(self)
     cpdef on_body(self, bytes body)
     cpdef _body(self, Exchange ex, bytes data)
