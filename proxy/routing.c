@@ -1857,7 +1857,7 @@ struct __pyx_memoryviewslice_obj {
 
 
 
-/* "proxy/routing.py":12
+/* "proxy/routing.py":15
  * 
  * 
  * class RoutingTable:             # <<<<<<<<<<<<<<
@@ -2773,11 +2773,18 @@ static void __Pyx_RaiseUnboundLocalError(const char *varname);
 /* DivInt[long].proto */
 static CYTHON_INLINE long __Pyx_div_long(long, long, int b_is_constant);
 
+/* PyObjectVectorcallKwds.proto */
+#if CYTHON_VECTORCALL
+#define __Pyx_Object_VectorcallKwds PyObject_Vectorcall
+CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject *kwnames, Py_ssize_t i);
+#else
+#define __Pyx_Object_VectorcallKwds __Pyx_PyObject_FastCallDict
+CYTHON_UNUSED static PyObject *__Pyx_MakeKwargDict(PyObject **keys, PyObject **values, Py_ssize_t n);
+CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject **kwnames, Py_ssize_t i);
+#endif
+
 /* BufferIndexError.proto */
 static void __Pyx_RaiseBufferIndexError(int axis);
-
-/* PyObjectCompare.proto */
-static CYTHON_INLINE int __Pyx_PyObject_CompareBoolGe_object_int(PyObject *op1, PyObject *op2, int pyop);
 
 /* dict_getitem_default.proto */
 static PyObject* __Pyx_PyDict_GetItemDefault(PyObject* d, PyObject* key, PyObject* default_value);
@@ -2793,6 +2800,9 @@ static CYTHON_INLINE PyObject* __Pyx_CallUnboundCMethod1(__Pyx_CachedCFunction* 
 #else
 #define __Pyx_CallUnboundCMethod1(cfunc, self, arg)  __Pyx__CallUnboundCMethod1(cfunc, self, arg)
 #endif
+
+/* PyObjectCompare.proto */
+static CYTHON_INLINE int __Pyx_PyObject_CompareBoolGe_object_int(PyObject *op1, PyObject *op2, int pyop);
 
 /* PyLongBinop.proto */
 #if !CYTHON_COMPILING_IN_PYPY
@@ -3214,16 +3224,6 @@ __pyx_memoryview_copy_new_contig(const __Pyx_memviewslice *from_mvs,
                                  const char *mode, int ndim,
                                  Py_ssize_t sizeof_dtype, int contig_flag,
                                  int dtype_is_object);
-
-/* PyObjectVectorcallKwds.proto (used by PyObjectVectorcallMethodKwds) */
-#if CYTHON_VECTORCALL
-#define __Pyx_Object_VectorcallKwds PyObject_Vectorcall
-CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject *kwnames, Py_ssize_t i);
-#else
-#define __Pyx_Object_VectorcallKwds __Pyx_PyObject_FastCallDict
-CYTHON_UNUSED static PyObject *__Pyx_MakeKwargDict(PyObject **keys, PyObject **values, Py_ssize_t n);
-CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject **kwnames, Py_ssize_t i);
-#endif
 
 /* PyObjectVectorcallMethodKwds.proto (used by CIntToPy) */
 #if CYTHON_VECTORCALL
@@ -3691,9 +3691,9 @@ namespace {
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_pop;
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_values;
     PyObject *__pyx_slice[1];
-    PyObject *__pyx_tuple[3];
+    PyObject *__pyx_tuple[4];
     PyObject *__pyx_codeobj_tab[11];
-    PyObject *__pyx_string_tab[182];
+    PyObject *__pyx_string_tab[185];
     PyObject *__pyx_number_tab[5];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
@@ -3826,105 +3826,108 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_dict_2 __pyx_string_tab[80]
 #define __pyx_n_u_epoch __pyx_string_tab[81]
 #define __pyx_n_u_fixed __pyx_string_tab[82]
-#define __pyx_n_u_index __pyx_string_tab[83]
-#define __pyx_n_u_is_coroutine __pyx_string_tab[84]
-#define __pyx_n_u_new_tuple __pyx_string_tab[85]
-#define __pyx_n_u_owner __pyx_string_tab[86]
-#define __pyx_n_u_pods_2 __pyx_string_tab[87]
-#define __pyx_n_u_req_tags __pyx_string_tab[88]
-#define __pyx_n_u_resp_tags __pyx_string_tab[89]
-#define __pyx_n_u_shift __pyx_string_tab[90]
-#define __pyx_n_u_starts_2 __pyx_string_tab[91]
-#define __pyx_n_u_tag __pyx_string_tab[92]
-#define __pyx_n_u_with_backups __pyx_string_tab[93]
-#define __pyx_n_u_abc __pyx_string_tab[94]
-#define __pyx_n_u_active __pyx_string_tab[95]
-#define __pyx_n_u_allocate_buffer __pyx_string_tab[96]
-#define __pyx_n_u_any __pyx_string_tab[97]
-#define __pyx_n_u_assignment __pyx_string_tab[98]
-#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[99]
-#define __pyx_n_u_backups __pyx_string_tab[100]
-#define __pyx_n_u_base __pyx_string_tab[101]
-#define __pyx_n_u_bytes __pyx_string_tab[102]
-#define __pyx_n_u_c __pyx_string_tab[103]
-#define __pyx_n_u_candidates_2 __pyx_string_tab[104]
-#define __pyx_n_u_cline_in_traceback __pyx_string_tab[105]
-#define __pyx_n_u_count __pyx_string_tab[106]
-#define __pyx_n_u_dtype_is_object __pyx_string_tab[107]
-#define __pyx_n_u_encode __pyx_string_tab[108]
-#define __pyx_n_u_enumerate __pyx_string_tab[109]
-#define __pyx_n_u_epoch_2 __pyx_string_tab[110]
-#define __pyx_n_u_error __pyx_string_tab[111]
-#define __pyx_n_u_failover __pyx_string_tab[112]
-#define __pyx_n_u_fixed_route __pyx_string_tab[113]
-#define __pyx_n_u_flags __pyx_string_tab[114]
-#define __pyx_n_u_format __pyx_string_tab[115]
-#define __pyx_n_u_fortran __pyx_string_tab[116]
-#define __pyx_n_u_generation __pyx_string_tab[117]
-#define __pyx_n_u_get __pyx_string_tab[118]
-#define __pyx_n_u_id __pyx_string_tab[119]
-#define __pyx_n_u_index_2 __pyx_string_tab[120]
-#define __pyx_n_u_int __pyx_string_tab[121]
-#define __pyx_n_u_items __pyx_string_tab[122]
-#define __pyx_n_u_itemsize __pyx_string_tab[123]
-#define __pyx_n_u_key __pyx_string_tab[124]
-#define __pyx_n_u_lookup __pyx_string_tab[125]
-#define __pyx_n_u_memview __pyx_string_tab[126]
-#define __pyx_n_u_mode __pyx_string_tab[127]
-#define __pyx_n_u_name __pyx_string_tab[128]
-#define __pyx_n_u_ndim __pyx_string_tab[129]
-#define __pyx_n_u_none __pyx_string_tab[130]
-#define __pyx_n_u_obj __pyx_string_tab[131]
-#define __pyx_n_u_pack __pyx_string_tab[132]
-#define __pyx_n_u_pod __pyx_string_tab[133]
-#define __pyx_n_u_pod_id __pyx_string_tab[134]
-#define __pyx_n_u_pods __pyx_string_tab[135]
-#define __pyx_n_u_pop __pyx_string_tab[136]
-#define __pyx_n_u_pos __pyx_string_tab[137]
-#define __pyx_n_u_position __pyx_string_tab[138]
-#define __pyx_n_u_proxy_routing __pyx_string_tab[139]
-#define __pyx_n_u_rank __pyx_string_tab[140]
-#define __pyx_n_u_register __pyx_string_tab[141]
-#define __pyx_n_u_request_tag __pyx_string_tab[142]
-#define __pyx_n_u_response_tag __pyx_string_tab[143]
-#define __pyx_n_u_return __pyx_string_tab[144]
-#define __pyx_n_u_role __pyx_string_tab[145]
-#define __pyx_n_u_route __pyx_string_tab[146]
-#define __pyx_n_u_route_at __pyx_string_tab[147]
-#define __pyx_n_u_self __pyx_string_tab[148]
-#define __pyx_n_u_setdefault __pyx_string_tab[149]
-#define __pyx_n_u_shape __pyx_string_tab[150]
-#define __pyx_n_u_size __pyx_string_tab[151]
-#define __pyx_n_u_slice_count __pyx_string_tab[152]
-#define __pyx_n_u_start __pyx_string_tab[153]
-#define __pyx_n_u_starts __pyx_string_tab[154]
-#define __pyx_n_u_state __pyx_string_tab[155]
-#define __pyx_n_u_staticmethod __pyx_string_tab[156]
-#define __pyx_n_u_step __pyx_string_tab[157]
-#define __pyx_n_u_stop __pyx_string_tab[158]
-#define __pyx_n_u_str __pyx_string_tab[159]
-#define __pyx_n_u_struct __pyx_string_tab[160]
-#define __pyx_n_u_unpack __pyx_string_tab[161]
-#define __pyx_n_u_update __pyx_string_tab[162]
-#define __pyx_n_u_use_setstate __pyx_string_tab[163]
-#define __pyx_n_u_values __pyx_string_tab[164]
-#define __pyx_n_u_x __pyx_string_tab[165]
-#define __pyx_n_b_O __pyx_string_tab[166]
-#define __pyx_kp_b_X_Keyroute_Pod_s_X_Keyroute_Gene_2 __pyx_string_tab[167]
-#define __pyx_kp_b_X_Keyroute_Pod_s_X_Keyroute_Gene __pyx_string_tab[168]
-#define __pyx_n_b_backup_2 __pyx_string_tab[169]
-#define __pyx_n_b_owner_2 __pyx_string_tab[170]
-#define __pyx_kp_b_iso88591_6 __pyx_string_tab[171]
-#define __pyx_kp_b_iso88591_q_0_kQR_xq_7_a_nA_1 __pyx_string_tab[172]
-#define __pyx_kp_b_iso88591_WD_nD_iW_ddhhqquu_C_C_L_L_P_P_X __pyx_string_tab[173]
-#define __pyx_kp_b_iso88591_A_Q_uuv_s __pyx_string_tab[174]
-#define __pyx_kp_b_iso88591_t9AXQa __pyx_string_tab[175]
-#define __pyx_kp_b_iso88591_A_Q_T_S_A_T_c_Yb_c_1_3b_Cq_t2V1 __pyx_string_tab[176]
-#define __pyx_kp_b_iso88591_d_T_Q_4s_k_W_ccd_3gQ_A_q __pyx_string_tab[177]
-#define __pyx_kp_b_iso88591_E_4vT_3a_D_aq_4uAQ_4q_uCq_q_T_a __pyx_string_tab[178]
-#define __pyx_kp_b_iso88591_Q_E_4s_uD_Q_j_t3a_d_AU_e1G5_1_t __pyx_string_tab[179]
-#define __pyx_kp_b_iso88591_G4q_6_A_k_d_1_t3a_q_A_D_q_r_Cs __pyx_string_tab[180]
-#define __pyx_kp_b_iso88591_1_uD_U_d_Cwd_wVYY_a_L_AQ_6_A_4 __pyx_string_tab[181]
+#define __pyx_n_u_hash64 __pyx_string_tab[83]
+#define __pyx_n_u_index __pyx_string_tab[84]
+#define __pyx_n_u_is_coroutine __pyx_string_tab[85]
+#define __pyx_n_u_new_tuple __pyx_string_tab[86]
+#define __pyx_n_u_owner __pyx_string_tab[87]
+#define __pyx_n_u_pods_2 __pyx_string_tab[88]
+#define __pyx_n_u_req_tags __pyx_string_tab[89]
+#define __pyx_n_u_resp_tags __pyx_string_tab[90]
+#define __pyx_n_u_shift __pyx_string_tab[91]
+#define __pyx_n_u_starts_2 __pyx_string_tab[92]
+#define __pyx_n_u_tag __pyx_string_tab[93]
+#define __pyx_n_u_with_backups __pyx_string_tab[94]
+#define __pyx_n_u_abc __pyx_string_tab[95]
+#define __pyx_n_u_active __pyx_string_tab[96]
+#define __pyx_n_u_allocate_buffer __pyx_string_tab[97]
+#define __pyx_n_u_any __pyx_string_tab[98]
+#define __pyx_n_u_assignment __pyx_string_tab[99]
+#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[100]
+#define __pyx_n_u_backups __pyx_string_tab[101]
+#define __pyx_n_u_base __pyx_string_tab[102]
+#define __pyx_n_u_bytes __pyx_string_tab[103]
+#define __pyx_n_u_c __pyx_string_tab[104]
+#define __pyx_n_u_candidates_2 __pyx_string_tab[105]
+#define __pyx_n_u_cline_in_traceback __pyx_string_tab[106]
+#define __pyx_n_u_count __pyx_string_tab[107]
+#define __pyx_n_u_dtype_is_object __pyx_string_tab[108]
+#define __pyx_n_u_encode __pyx_string_tab[109]
+#define __pyx_n_u_enumerate __pyx_string_tab[110]
+#define __pyx_n_u_epoch_2 __pyx_string_tab[111]
+#define __pyx_n_u_error __pyx_string_tab[112]
+#define __pyx_n_u_failover __pyx_string_tab[113]
+#define __pyx_n_u_fixed_route __pyx_string_tab[114]
+#define __pyx_n_u_flags __pyx_string_tab[115]
+#define __pyx_n_u_format __pyx_string_tab[116]
+#define __pyx_n_u_fortran __pyx_string_tab[117]
+#define __pyx_n_u_generation __pyx_string_tab[118]
+#define __pyx_n_u_get __pyx_string_tab[119]
+#define __pyx_n_u_hash64_2 __pyx_string_tab[120]
+#define __pyx_n_u_id __pyx_string_tab[121]
+#define __pyx_n_u_index_2 __pyx_string_tab[122]
+#define __pyx_n_u_int __pyx_string_tab[123]
+#define __pyx_n_u_items __pyx_string_tab[124]
+#define __pyx_n_u_itemsize __pyx_string_tab[125]
+#define __pyx_n_u_key __pyx_string_tab[126]
+#define __pyx_n_u_lookup __pyx_string_tab[127]
+#define __pyx_n_u_memview __pyx_string_tab[128]
+#define __pyx_n_u_mmh3 __pyx_string_tab[129]
+#define __pyx_n_u_mode __pyx_string_tab[130]
+#define __pyx_n_u_name __pyx_string_tab[131]
+#define __pyx_n_u_ndim __pyx_string_tab[132]
+#define __pyx_n_u_none __pyx_string_tab[133]
+#define __pyx_n_u_obj __pyx_string_tab[134]
+#define __pyx_n_u_pack __pyx_string_tab[135]
+#define __pyx_n_u_pod __pyx_string_tab[136]
+#define __pyx_n_u_pod_id __pyx_string_tab[137]
+#define __pyx_n_u_pods __pyx_string_tab[138]
+#define __pyx_n_u_pop __pyx_string_tab[139]
+#define __pyx_n_u_pos __pyx_string_tab[140]
+#define __pyx_n_u_proxy_routing __pyx_string_tab[141]
+#define __pyx_n_u_rank __pyx_string_tab[142]
+#define __pyx_n_u_register __pyx_string_tab[143]
+#define __pyx_n_u_request_tag __pyx_string_tab[144]
+#define __pyx_n_u_response_tag __pyx_string_tab[145]
+#define __pyx_n_u_return __pyx_string_tab[146]
+#define __pyx_n_u_role __pyx_string_tab[147]
+#define __pyx_n_u_route __pyx_string_tab[148]
+#define __pyx_n_u_route_at __pyx_string_tab[149]
+#define __pyx_n_u_self __pyx_string_tab[150]
+#define __pyx_n_u_setdefault __pyx_string_tab[151]
+#define __pyx_n_u_shape __pyx_string_tab[152]
+#define __pyx_n_u_signed __pyx_string_tab[153]
+#define __pyx_n_u_size __pyx_string_tab[154]
+#define __pyx_n_u_slice_count __pyx_string_tab[155]
+#define __pyx_n_u_start __pyx_string_tab[156]
+#define __pyx_n_u_starts __pyx_string_tab[157]
+#define __pyx_n_u_state __pyx_string_tab[158]
+#define __pyx_n_u_staticmethod __pyx_string_tab[159]
+#define __pyx_n_u_step __pyx_string_tab[160]
+#define __pyx_n_u_stop __pyx_string_tab[161]
+#define __pyx_n_u_str __pyx_string_tab[162]
+#define __pyx_n_u_struct __pyx_string_tab[163]
+#define __pyx_n_u_unpack __pyx_string_tab[164]
+#define __pyx_n_u_update __pyx_string_tab[165]
+#define __pyx_n_u_use_setstate __pyx_string_tab[166]
+#define __pyx_n_u_values __pyx_string_tab[167]
+#define __pyx_n_u_x __pyx_string_tab[168]
+#define __pyx_n_b_O __pyx_string_tab[169]
+#define __pyx_kp_b_X_Keyroute_Pod_s_X_Keyroute_Gene_2 __pyx_string_tab[170]
+#define __pyx_kp_b_X_Keyroute_Pod_s_X_Keyroute_Gene __pyx_string_tab[171]
+#define __pyx_n_b_backup_2 __pyx_string_tab[172]
+#define __pyx_n_b_owner_2 __pyx_string_tab[173]
+#define __pyx_kp_b_iso88591_6 __pyx_string_tab[174]
+#define __pyx_kp_b_iso88591_q_0_kQR_xq_7_a_nA_1 __pyx_string_tab[175]
+#define __pyx_kp_b_iso88591_WD_nD_iW_ddhhqquu_C_C_L_L_P_P_X __pyx_string_tab[176]
+#define __pyx_kp_b_iso88591_A_Q_uuv_s __pyx_string_tab[177]
+#define __pyx_kp_b_iso88591_t9AWAU_WF_1 __pyx_string_tab[178]
+#define __pyx_kp_b_iso88591_A_Q_T_S_A_T_c_Yb_c_1_3b_Cq_t2V1 __pyx_string_tab[179]
+#define __pyx_kp_b_iso88591_d_T_Q_4s_k_W_ccd_3gQ_A_q __pyx_string_tab[180]
+#define __pyx_kp_b_iso88591_E_4vT_3a_D_aq_4uAQ_4q_uCq_q_T_a __pyx_string_tab[181]
+#define __pyx_kp_b_iso88591_Q_E_4s_uD_Q_j_t3a_d_AU_e1G5_1_t __pyx_string_tab[182]
+#define __pyx_kp_b_iso88591_G4q_6_A_k_d_1_t3a_q_A_D_q_r_Cs __pyx_string_tab[183]
+#define __pyx_kp_b_iso88591_1_uD_U_d_Cwd_wVYY_a_L_AQ_6_A_4 __pyx_string_tab[184]
 #define __pyx_int_0 __pyx_number_tab[0]
 #define __pyx_int_neg_1 __pyx_number_tab[1]
 #define __pyx_int_1 __pyx_number_tab[2]
@@ -3959,9 +3962,9 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_slice[i]); }
-  for (int i=0; i<3; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
+  for (int i=0; i<4; ++i) { Py_CLEAR(clear_module_state->__pyx_tuple[i]); }
   for (int i=0; i<11; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<182; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<185; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<5; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -4000,9 +4003,9 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_slice[i]); }
-  for (int i=0; i<3; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
+  for (int i=0; i<4; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_tuple[i]); }
   for (int i=0; i<11; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<182; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<185; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<5; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -18189,7 +18192,7 @@ static PyObject *__pyx_unpickle_Enum__set_state(struct __pyx_MemviewEnum_obj *__
   return __pyx_r;
 }
 
-/* "proxy/routing.py":38
+/* "proxy/routing.py":41
  *     )
  * 
  *     def __init__(self, assignment: Assignment, failover: str = "backups") -> None:             # <<<<<<<<<<<<<<
@@ -18236,35 +18239,35 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_assignment,&__pyx_mstate_global->__pyx_n_u_failover,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL_TPNEW(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 38, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 41, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 38, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 41, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 38, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 41, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 38, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "__init__", 0) < (0)) __PYX_ERR(0, 41, __pyx_L3_error)
       if (!values[1]) values[1] = __Pyx_NewRef(((PyObject *)__pyx_mstate_global->__pyx_n_u_backups));
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 0, 1, 2, i); __PYX_ERR(0, 38, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("__init__", 0, 1, 2, i); __PYX_ERR(0, 41, __pyx_L3_error) }
       }
     } else {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 38, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 41, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL_TPNEW(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 38, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 41, __pyx_L3_error)
         break;
         default: goto __pyx_L5_argtuple_error;
       }
@@ -18275,7 +18278,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("__init__", 0, 1, 2, __pyx_nargs); __PYX_ERR(0, 38, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("__init__", 0, 1, 2, __pyx_nargs); __PYX_ERR(0, 41, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -18317,7 +18320,7 @@ static int __pyx_pf_5proxy_7routing_12RoutingTable___init__(struct __pyx_obj_5pr
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("__init__", 0);
 
-  /* "proxy/routing.py":39
+  /* "proxy/routing.py":42
  * 
  *     def __init__(self, assignment: Assignment, failover: str = "backups") -> None:
  *         self.assignment = assignment             # <<<<<<<<<<<<<<
@@ -18329,21 +18332,21 @@ static int __pyx_pf_5proxy_7routing_12RoutingTable___init__(struct __pyx_obj_5pr
   __Pyx_GOTREF(__pyx_v_self->assignment);
   __Pyx_DECREF_SET(__pyx_v_self->assignment, __pyx_v_assignment);
 
-  /* "proxy/routing.py":40
+  /* "proxy/routing.py":43
  *     def __init__(self, assignment: Assignment, failover: str = "backups") -> None:
  *         self.assignment = assignment
  *         self.generation = assignment.generation             # <<<<<<<<<<<<<<
  *         self.failover = failover
  *         n = assignment.slice_count
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_generation); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 40, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_generation); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 43, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_GIVEREF(__pyx_t_1);
   __Pyx_GOTREF(__pyx_v_self->generation);
   __Pyx_DECREF_SET(__pyx_v_self->generation, __pyx_t_1);
   __pyx_t_1 = 0;
 
-  /* "proxy/routing.py":41
+  /* "proxy/routing.py":44
  *         self.assignment = assignment
  *         self.generation = assignment.generation
  *         self.failover = failover             # <<<<<<<<<<<<<<
@@ -18352,37 +18355,37 @@ static int __pyx_pf_5proxy_7routing_12RoutingTable___init__(struct __pyx_obj_5pr
 */
   __pyx_t_1 = __pyx_v_failover;
   __Pyx_INCREF(__pyx_t_1);
-  if (!(likely(PyUnicode_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("str", __pyx_t_1))) __PYX_ERR(0, 41, __pyx_L1_error)
+  if (!(likely(PyUnicode_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("str", __pyx_t_1))) __PYX_ERR(0, 44, __pyx_L1_error)
   __Pyx_GIVEREF(__pyx_t_1);
   __Pyx_GOTREF(__pyx_v_self->failover);
   __Pyx_DECREF_SET(__pyx_v_self->failover, ((PyObject*)__pyx_t_1));
   __pyx_t_1 = 0;
 
-  /* "proxy/routing.py":42
+  /* "proxy/routing.py":45
  *         self.generation = assignment.generation
  *         self.failover = failover
  *         n = assignment.slice_count             # <<<<<<<<<<<<<<
  *         self._req_tags: list[bytes | None] = [None] * n
  *         self._candidates: dict[tuple[str, tuple[str, ...]], tuple[Pod, ...]] = {}
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_slice_count); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 42, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_slice_count); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 45, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __pyx_v_n = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "proxy/routing.py":43
+  /* "proxy/routing.py":46
  *         self.failover = failover
  *         n = assignment.slice_count
  *         self._req_tags: list[bytes | None] = [None] * n             # <<<<<<<<<<<<<<
  *         self._candidates: dict[tuple[str, tuple[str, ...]], tuple[Pod, ...]] = {}
  *         self._pods = tuple(assignment.pods.values())
 */
-  __pyx_t_1 = PyList_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 43, __pyx_L1_error)
+  __pyx_t_1 = PyList_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 46, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_INCREF(Py_None);
   __Pyx_GIVEREF(Py_None);
-  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, Py_None) != (0)) __PYX_ERR(0, 43, __pyx_L1_error);
-  { PyObject* __pyx_temp = PyNumber_InPlaceMultiply(__pyx_t_1, __pyx_v_n); if (unlikely(!__pyx_temp)) __PYX_ERR(0, 43, __pyx_L1_error)
+  if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, Py_None) != (0)) __PYX_ERR(0, 46, __pyx_L1_error);
+  { PyObject* __pyx_temp = PyNumber_InPlaceMultiply(__pyx_t_1, __pyx_v_n); if (unlikely(!__pyx_temp)) __PYX_ERR(0, 46, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_temp);
     __Pyx_DECREF(__pyx_t_1);
     __pyx_t_1 = __pyx_temp;
@@ -18392,28 +18395,28 @@ static int __pyx_pf_5proxy_7routing_12RoutingTable___init__(struct __pyx_obj_5pr
   __Pyx_DECREF_SET(__pyx_v_self->_req_tags, ((PyObject*)__pyx_t_1));
   __pyx_t_1 = 0;
 
-  /* "proxy/routing.py":44
+  /* "proxy/routing.py":47
  *         n = assignment.slice_count
  *         self._req_tags: list[bytes | None] = [None] * n
  *         self._candidates: dict[tuple[str, tuple[str, ...]], tuple[Pod, ...]] = {}             # <<<<<<<<<<<<<<
  *         self._pods = tuple(assignment.pods.values())
  *         # failover = "any": per slice, the other active pods in the slice's
 */
-  __pyx_t_1 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 44, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 47, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __Pyx_GIVEREF(__pyx_t_1);
   __Pyx_GOTREF(__pyx_v_self->_candidates);
   __Pyx_DECREF_SET(__pyx_v_self->_candidates, ((PyObject*)__pyx_t_1));
   __pyx_t_1 = 0;
 
-  /* "proxy/routing.py":45
+  /* "proxy/routing.py":48
  *         self._req_tags: list[bytes | None] = [None] * n
  *         self._candidates: dict[tuple[str, tuple[str, ...]], tuple[Pod, ...]] = {}
  *         self._pods = tuple(assignment.pods.values())             # <<<<<<<<<<<<<<
  *         # failover = "any": per slice, the other active pods in the slice's
  *         # rendezvous order, as positions in _pods (a tuple of ints, which the
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_pods); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 45, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_pods); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 48, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_t_2 = __pyx_t_3;
   __Pyx_INCREF(__pyx_t_2);
@@ -18423,10 +18426,10 @@ static int __pyx_pf_5proxy_7routing_12RoutingTable___init__(struct __pyx_obj_5pr
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_values, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 45, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 48, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  __pyx_t_3 = __Pyx_PySequence_Tuple(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 45, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PySequence_Tuple(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 48, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __Pyx_GIVEREF(__pyx_t_3);
@@ -18434,21 +18437,21 @@ static int __pyx_pf_5proxy_7routing_12RoutingTable___init__(struct __pyx_obj_5pr
   __Pyx_DECREF_SET(__pyx_v_self->_pods, ((PyObject*)__pyx_t_3));
   __pyx_t_3 = 0;
 
-  /* "proxy/routing.py":49
+  /* "proxy/routing.py":52
  *         # rendezvous order, as positions in _pods (a tuple of ints, which the
  *         # garbage collector stops tracking).
  *         self._any: list[tuple[int, ...] | None] = [None] * n if failover == "any" else []             # <<<<<<<<<<<<<<
  *         self._resp_tags: dict[str, bytes] = {}
  *         self._fixed: dict[str, Route] = {}
 */
-  __pyx_t_5 = __Pyx_PyObject_CompareBoolEq_object_str(__pyx_v_failover, __pyx_mstate_global->__pyx_n_u_any, Py_EQ); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 49, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_CompareBoolEq_object_str(__pyx_v_failover, __pyx_mstate_global->__pyx_n_u_any, Py_EQ); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 52, __pyx_L1_error)
   if (__pyx_t_5) {
-    __pyx_t_1 = PyList_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 49, __pyx_L1_error)
+    __pyx_t_1 = PyList_New(1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 52, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __Pyx_INCREF(Py_None);
     __Pyx_GIVEREF(Py_None);
-    if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, Py_None) != (0)) __PYX_ERR(0, 49, __pyx_L1_error);
-    { PyObject* __pyx_temp = PyNumber_InPlaceMultiply(__pyx_t_1, __pyx_v_n); if (unlikely(!__pyx_temp)) __PYX_ERR(0, 49, __pyx_L1_error)
+    if (__Pyx_PyList_SET_ITEM(__pyx_t_1, 0, Py_None) != (0)) __PYX_ERR(0, 52, __pyx_L1_error);
+    { PyObject* __pyx_temp = PyNumber_InPlaceMultiply(__pyx_t_1, __pyx_v_n); if (unlikely(!__pyx_temp)) __PYX_ERR(0, 52, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_temp);
       __Pyx_DECREF(__pyx_t_1);
       __pyx_t_1 = __pyx_temp;
@@ -18456,7 +18459,7 @@ static int __pyx_pf_5proxy_7routing_12RoutingTable___init__(struct __pyx_obj_5pr
     __pyx_t_3 = __pyx_t_1;
     __pyx_t_1 = 0;
   } else {
-    __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 49, __pyx_L1_error)
+    __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 52, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __pyx_t_3 = __pyx_t_1;
     __pyx_t_1 = 0;
@@ -18467,156 +18470,156 @@ static int __pyx_pf_5proxy_7routing_12RoutingTable___init__(struct __pyx_obj_5pr
   __Pyx_DECREF_SET(__pyx_v_self->_any, ((PyObject*)__pyx_t_3));
   __pyx_t_3 = 0;
 
-  /* "proxy/routing.py":50
+  /* "proxy/routing.py":53
  *         # garbage collector stops tracking).
  *         self._any: list[tuple[int, ...] | None] = [None] * n if failover == "any" else []
  *         self._resp_tags: dict[str, bytes] = {}             # <<<<<<<<<<<<<<
  *         self._fixed: dict[str, Route] = {}
  *         # The table's columns, for lookup (compiled: read as C arrays).
 */
-  __pyx_t_3 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 50, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 53, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __Pyx_GIVEREF(__pyx_t_3);
   __Pyx_GOTREF(__pyx_v_self->_resp_tags);
   __Pyx_DECREF_SET(__pyx_v_self->_resp_tags, ((PyObject*)__pyx_t_3));
   __pyx_t_3 = 0;
 
-  /* "proxy/routing.py":51
+  /* "proxy/routing.py":54
  *         self._any: list[tuple[int, ...] | None] = [None] * n if failover == "any" else []
  *         self._resp_tags: dict[str, bytes] = {}
  *         self._fixed: dict[str, Route] = {}             # <<<<<<<<<<<<<<
  *         # The table's columns, for lookup (compiled: read as C arrays).
  *         self._starts = assignment.starts
 */
-  __pyx_t_3 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 51, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 54, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __Pyx_GIVEREF(__pyx_t_3);
   __Pyx_GOTREF(__pyx_v_self->_fixed);
   __Pyx_DECREF_SET(__pyx_v_self->_fixed, ((PyObject*)__pyx_t_3));
   __pyx_t_3 = 0;
 
-  /* "proxy/routing.py":53
+  /* "proxy/routing.py":56
  *         self._fixed: dict[str, Route] = {}
  *         # The table's columns, for lookup (compiled: read as C arrays).
  *         self._starts = assignment.starts             # <<<<<<<<<<<<<<
  *         self._index = assignment._index
  *         self._shift = assignment._shift
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_starts); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 53, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_starts); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 56, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_6 = __Pyx_PyObject_to_MemoryviewSlice_ds_unsigned_PY_LONG_LONG__const__(__pyx_t_3, 0); if (unlikely(!__pyx_t_6.memview)) __PYX_ERR(0, 53, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyObject_to_MemoryviewSlice_ds_unsigned_PY_LONG_LONG__const__(__pyx_t_3, 0); if (unlikely(!__pyx_t_6.memview)) __PYX_ERR(0, 56, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_self->_starts, 0);
   __pyx_v_self->_starts = __pyx_t_6;
   __pyx_t_6.memview = NULL;
   __pyx_t_6.data = NULL;
 
-  /* "proxy/routing.py":54
+  /* "proxy/routing.py":57
  *         # The table's columns, for lookup (compiled: read as C arrays).
  *         self._starts = assignment.starts
  *         self._index = assignment._index             # <<<<<<<<<<<<<<
  *         self._shift = assignment._shift
  *         self._owner = assignment._owner
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_index); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 54, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_index); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 57, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_7 = __Pyx_PyObject_to_MemoryviewSlice_ds_PY_LONG_LONG__const__(__pyx_t_3, 0); if (unlikely(!__pyx_t_7.memview)) __PYX_ERR(0, 54, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_PyObject_to_MemoryviewSlice_ds_PY_LONG_LONG__const__(__pyx_t_3, 0); if (unlikely(!__pyx_t_7.memview)) __PYX_ERR(0, 57, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_self->_index, 0);
   __pyx_v_self->_index = __pyx_t_7;
   __pyx_t_7.memview = NULL;
   __pyx_t_7.data = NULL;
 
-  /* "proxy/routing.py":55
+  /* "proxy/routing.py":58
  *         self._starts = assignment.starts
  *         self._index = assignment._index
  *         self._shift = assignment._shift             # <<<<<<<<<<<<<<
  *         self._owner = assignment._owner
  *         self._epoch = assignment._epoch
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_shift); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 55, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_shift); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 58, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_8 = __Pyx_PyLong_As_int(__pyx_t_3); if (unlikely((__pyx_t_8 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 55, __pyx_L1_error)
+  __pyx_t_8 = __Pyx_PyLong_As_int(__pyx_t_3); if (unlikely((__pyx_t_8 == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 58, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   __pyx_v_self->_shift = __pyx_t_8;
 
-  /* "proxy/routing.py":56
+  /* "proxy/routing.py":59
  *         self._index = assignment._index
  *         self._shift = assignment._shift
  *         self._owner = assignment._owner             # <<<<<<<<<<<<<<
  *         self._epoch = assignment._epoch
  *         self._backup = assignment._backup
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_owner); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 56, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_owner); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 59, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_9 = __Pyx_PyObject_to_MemoryviewSlice_ds_unsigned_int__const__(__pyx_t_3, 0); if (unlikely(!__pyx_t_9.memview)) __PYX_ERR(0, 56, __pyx_L1_error)
+  __pyx_t_9 = __Pyx_PyObject_to_MemoryviewSlice_ds_unsigned_int__const__(__pyx_t_3, 0); if (unlikely(!__pyx_t_9.memview)) __PYX_ERR(0, 59, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_self->_owner, 0);
   __pyx_v_self->_owner = __pyx_t_9;
   __pyx_t_9.memview = NULL;
   __pyx_t_9.data = NULL;
 
-  /* "proxy/routing.py":57
+  /* "proxy/routing.py":60
  *         self._shift = assignment._shift
  *         self._owner = assignment._owner
  *         self._epoch = assignment._epoch             # <<<<<<<<<<<<<<
  *         self._backup = assignment._backup
  *         self._combos = assignment._combos
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_epoch); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 57, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_epoch); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 60, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_10 = __Pyx_PyObject_to_MemoryviewSlice_ds_unsigned_PY_LONG_LONG__const__(__pyx_t_3, 0); if (unlikely(!__pyx_t_10.memview)) __PYX_ERR(0, 57, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyObject_to_MemoryviewSlice_ds_unsigned_PY_LONG_LONG__const__(__pyx_t_3, 0); if (unlikely(!__pyx_t_10.memview)) __PYX_ERR(0, 60, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_self->_epoch, 0);
   __pyx_v_self->_epoch = __pyx_t_10;
   __pyx_t_10.memview = NULL;
   __pyx_t_10.data = NULL;
 
-  /* "proxy/routing.py":58
+  /* "proxy/routing.py":61
  *         self._owner = assignment._owner
  *         self._epoch = assignment._epoch
  *         self._backup = assignment._backup             # <<<<<<<<<<<<<<
  *         self._combos = assignment._combos
  *         self._count = assignment.slice_count
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_backup); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 58, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_backup); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 61, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_ds_unsigned_int__const__(__pyx_t_3, 0); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 58, __pyx_L1_error)
+  __pyx_t_11 = __Pyx_PyObject_to_MemoryviewSlice_ds_unsigned_int__const__(__pyx_t_3, 0); if (unlikely(!__pyx_t_11.memview)) __PYX_ERR(0, 61, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   __PYX_XCLEAR_MEMVIEW(&__pyx_v_self->_backup, 0);
   __pyx_v_self->_backup = __pyx_t_11;
   __pyx_t_11.memview = NULL;
   __pyx_t_11.data = NULL;
 
-  /* "proxy/routing.py":59
+  /* "proxy/routing.py":62
  *         self._epoch = assignment._epoch
  *         self._backup = assignment._backup
  *         self._combos = assignment._combos             # <<<<<<<<<<<<<<
  *         self._count = assignment.slice_count
  * 
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_combos); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 59, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_combos); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 62, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  if (!(likely(PyTuple_CheckExact(__pyx_t_3))||((__pyx_t_3) == Py_None) || __Pyx_RaiseUnexpectedTypeError("tuple", __pyx_t_3))) __PYX_ERR(0, 59, __pyx_L1_error)
+  if (!(likely(PyTuple_CheckExact(__pyx_t_3))||((__pyx_t_3) == Py_None) || __Pyx_RaiseUnexpectedTypeError("tuple", __pyx_t_3))) __PYX_ERR(0, 62, __pyx_L1_error)
   __Pyx_GIVEREF(__pyx_t_3);
   __Pyx_GOTREF(__pyx_v_self->_combos);
   __Pyx_DECREF_SET(__pyx_v_self->_combos, ((PyObject*)__pyx_t_3));
   __pyx_t_3 = 0;
 
-  /* "proxy/routing.py":60
+  /* "proxy/routing.py":63
  *         self._backup = assignment._backup
  *         self._combos = assignment._combos
  *         self._count = assignment.slice_count             # <<<<<<<<<<<<<<
  * 
  *     def lookup(self, key: bytes) -> Route:
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_slice_count); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 60, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_assignment, __pyx_mstate_global->__pyx_n_u_slice_count); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 63, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_12 = __Pyx_PyIndex_AsSsize_t(__pyx_t_3); if (unlikely((__pyx_t_12 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 60, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyIndex_AsSsize_t(__pyx_t_3); if (unlikely((__pyx_t_12 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 63, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
   __pyx_v_self->_count = __pyx_t_12;
 
-  /* "proxy/routing.py":38
+  /* "proxy/routing.py":41
  *     )
  * 
  *     def __init__(self, assignment: Assignment, failover: str = "backups") -> None:             # <<<<<<<<<<<<<<
@@ -18645,12 +18648,12 @@ static int __pyx_pf_5proxy_7routing_12RoutingTable___init__(struct __pyx_obj_5pr
   return __pyx_r;
 }
 
-/* "proxy/routing.py":62
+/* "proxy/routing.py":65
  *         self._count = assignment.slice_count
  * 
  *     def lookup(self, key: bytes) -> Route:             # <<<<<<<<<<<<<<
  *         """The route for a routing key: ``assignment.lookup(key)``."""
- *         return self.route_at(position(key))
+ *         return self.route_at(_hash64(key, 0, signed=False)[0])  # position(key), inlined
 */
 
 static PyObject *__pyx_pw_5proxy_7routing_12RoutingTable_3lookup(PyObject *__pyx_v_self, 
@@ -18667,22 +18670,25 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_lookup(struct __pyx_obj_
   PyObject *__pyx_t_2 = NULL;
   PyObject *__pyx_t_3 = NULL;
   size_t __pyx_t_4;
-  unsigned PY_LONG_LONG __pyx_t_5;
+  PyObject *__pyx_t_5 = NULL;
+  unsigned PY_LONG_LONG __pyx_t_6;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("lookup", 0);
 
-  /* "proxy/routing.py":64
+  /* "proxy/routing.py":67
  *     def lookup(self, key: bytes) -> Route:
  *         """The route for a routing key: ``assignment.lookup(key)``."""
- *         return self.route_at(position(key))             # <<<<<<<<<<<<<<
+ *         return self.route_at(_hash64(key, 0, signed=False)[0])  # position(key), inlined             # <<<<<<<<<<<<<<
  * 
  *     def route_at(self, pos: int) -> Route:
 */
   __pyx_t_2 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_position); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 64, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_hash64); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 67, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
+  #if CYTHON_VECTORCALL
+  #endif
   __pyx_t_4 = 1;
   #if CYTHON_UNPACK_METHODS
   if (unlikely(PyMethod_Check(__pyx_t_3))) {
@@ -18696,35 +18702,53 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_lookup(struct __pyx_obj_
   }
   #endif
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_2, __pyx_v_key};
-    __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_3, __pyx_callargs+__pyx_t_4, (2-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    PyObject *__pyx_callargs[4] = {__pyx_t_2, __pyx_v_key, __pyx_mstate_global->__pyx_int_0, Py_False};
+    #if CYTHON_VECTORCALL
+    __pyx_t_5 = __pyx_mstate_global->__pyx_tuple[2];
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 67, __pyx_L1_error)
+    __Pyx_INCREF(__pyx_t_5);
+    #else
+    {
+      PyObject *__pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_signed};
+      __pyx_t_5 = __Pyx_MakeKwargDict(__pyx_temp, __pyx_callargs+3, 1);
+      if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 67, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_5);
+    }
+    #endif
+    __pyx_t_1 = __Pyx_Object_VectorcallKwds((PyObject*)__pyx_t_3, __pyx_callargs+__pyx_t_4, (3-__pyx_t_4) | (__pyx_t_4*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET), __pyx_t_5);
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
+    #if CYTHON_VECTORCALL
+    #endif
+    __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 64, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 67, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  __pyx_t_5 = __Pyx_PyLong_As_unsigned_PY_LONG_LONG(__pyx_t_1); if (unlikely((__pyx_t_5 == (unsigned PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 64, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_GetItemInt(__pyx_t_1, 0, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 67, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable_route_at(__pyx_v_self, __pyx_t_5, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 64, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_1);
+  __pyx_t_6 = __Pyx_PyLong_As_unsigned_PY_LONG_LONG(__pyx_t_3); if (unlikely((__pyx_t_6 == (unsigned PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 67, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
+  __pyx_t_3 = __pyx_f_5proxy_7routing_12RoutingTable_route_at(__pyx_v_self, __pyx_t_6, 0); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 67, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_3);
 
   {
     PyObject *__pyx_temp;
     {
       __pyx_temp = __pyx_r;
-      __pyx_r = __pyx_t_1;
+      __pyx_r = __pyx_t_3;
     }
     __Pyx_XDECREF(__pyx_temp);
   }
-  __pyx_t_1 = 0;
+  __pyx_t_3 = 0;
   goto __pyx_L0;
 
-  /* "proxy/routing.py":62
+  /* "proxy/routing.py":65
  *         self._count = assignment.slice_count
  * 
  *     def lookup(self, key: bytes) -> Route:             # <<<<<<<<<<<<<<
  *         """The route for a routing key: ``assignment.lookup(key)``."""
- *         return self.route_at(position(key))
+ *         return self.route_at(_hash64(key, 0, signed=False)[0])  # position(key), inlined
 */
 
   /* function exit code */
@@ -18732,6 +18756,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_lookup(struct __pyx_obj_
   __Pyx_XDECREF(__pyx_t_1);
   __Pyx_XDECREF(__pyx_t_2);
   __Pyx_XDECREF(__pyx_t_3);
+  __Pyx_XDECREF(__pyx_t_5);
   __Pyx_AddTraceback("proxy.routing.RoutingTable.lookup", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = 0;
   __pyx_L0:;
@@ -18780,32 +18805,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_key,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 62, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 65, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 62, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 65, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "lookup", 0) < (0)) __PYX_ERR(0, 62, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "lookup", 0) < (0)) __PYX_ERR(0, 65, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("lookup", 1, 1, 1, i); __PYX_ERR(0, 62, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("lookup", 1, 1, 1, i); __PYX_ERR(0, 65, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 62, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 65, __pyx_L3_error)
     }
     __pyx_v_key = ((PyObject*)values[0]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("lookup", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 62, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("lookup", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 65, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -18816,7 +18841,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_key), (&PyBytes_Type), 1, "key", 1))) __PYX_ERR(0, 62, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_key), (&PyBytes_Type), 1, "key", 1))) __PYX_ERR(0, 65, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7routing_12RoutingTable_2lookup(((struct __pyx_obj_5proxy_7routing_RoutingTable *)__pyx_v_self), __pyx_v_key);
 
   /* function exit code */
@@ -18844,7 +18869,7 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_2lookup(struct __pyx_ob
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("lookup", 0);
-  __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable_lookup(__pyx_v_self, __pyx_v_key, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 62, __pyx_L1_error)
+  __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable_lookup(__pyx_v_self, __pyx_v_key, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 65, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -18868,8 +18893,8 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_2lookup(struct __pyx_ob
   return __pyx_r;
 }
 
-/* "proxy/routing.py":66
- *         return self.route_at(position(key))
+/* "proxy/routing.py":69
+ *         return self.route_at(_hash64(key, 0, signed=False)[0])  # position(key), inlined
  * 
  *     def route_at(self, pos: int) -> Route:             # <<<<<<<<<<<<<<
  *         """The route for a position: ``assignment.lookup_position(pos)``."""
@@ -18914,55 +18939,55 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("route_at", 0);
 
-  /* "proxy/routing.py":68
+  /* "proxy/routing.py":71
  *     def route_at(self, pos: int) -> Route:
  *         """The route for a position: ``assignment.lookup_position(pos)``."""
  *         starts = self._starts             # <<<<<<<<<<<<<<
  *         lo = self._index[pos >> self._shift]
  *         hi = self._index[(pos >> self._shift) + 1]
 */
-  if (unlikely(!__pyx_v_self->_starts.memview)) {PyErr_SetString(PyExc_AttributeError,"Memoryview is not initialized");__PYX_ERR(0, 68, __pyx_L1_error)}
+  if (unlikely(!__pyx_v_self->_starts.memview)) {PyErr_SetString(PyExc_AttributeError,"Memoryview is not initialized");__PYX_ERR(0, 71, __pyx_L1_error)}
   __pyx_t_1 = __pyx_v_self->_starts;
   __PYX_INC_MEMVIEW(&__pyx_t_1, 1);
   __pyx_v_starts = __pyx_t_1;
   __pyx_t_1.memview = NULL;
   __pyx_t_1.data = NULL;
 
-  /* "proxy/routing.py":69
+  /* "proxy/routing.py":72
  *         """The route for a position: ``assignment.lookup_position(pos)``."""
  *         starts = self._starts
  *         lo = self._index[pos >> self._shift]             # <<<<<<<<<<<<<<
  *         hi = self._index[(pos >> self._shift) + 1]
  *         while lo < hi:  # bisect_right(starts, pos, lo, hi), over one bucket of the index
 */
-  if (unlikely(!__pyx_v_self->_index.memview)) {PyErr_SetString(PyExc_AttributeError,"Memoryview is not initialized");__PYX_ERR(0, 69, __pyx_L1_error)}
+  if (unlikely(!__pyx_v_self->_index.memview)) {PyErr_SetString(PyExc_AttributeError,"Memoryview is not initialized");__PYX_ERR(0, 72, __pyx_L1_error)}
   __pyx_t_2 = (__pyx_v_pos >> __pyx_v_self->_shift);
   __pyx_t_3 = -1;
   if (unlikely(__pyx_t_2 >= (size_t)__pyx_v_self->_index.shape[0])) __pyx_t_3 = 0;
   if (unlikely(__pyx_t_3 != -1)) {
     __Pyx_RaiseBufferIndexError(__pyx_t_3);
-    __PYX_ERR(0, 69, __pyx_L1_error)
+    __PYX_ERR(0, 72, __pyx_L1_error)
   }
   __pyx_v_lo = (*((PY_LONG_LONG const  *) ( /* dim=0 */ (__pyx_v_self->_index.data + __pyx_t_2 * __pyx_v_self->_index.strides[0]) )));
 
-  /* "proxy/routing.py":70
+  /* "proxy/routing.py":73
  *         starts = self._starts
  *         lo = self._index[pos >> self._shift]
  *         hi = self._index[(pos >> self._shift) + 1]             # <<<<<<<<<<<<<<
  *         while lo < hi:  # bisect_right(starts, pos, lo, hi), over one bucket of the index
  *             mid = (lo + hi) >> 1
 */
-  if (unlikely(!__pyx_v_self->_index.memview)) {PyErr_SetString(PyExc_AttributeError,"Memoryview is not initialized");__PYX_ERR(0, 70, __pyx_L1_error)}
+  if (unlikely(!__pyx_v_self->_index.memview)) {PyErr_SetString(PyExc_AttributeError,"Memoryview is not initialized");__PYX_ERR(0, 73, __pyx_L1_error)}
   __pyx_t_2 = ((__pyx_v_pos >> __pyx_v_self->_shift) + 1);
   __pyx_t_3 = -1;
   if (unlikely(__pyx_t_2 >= (size_t)__pyx_v_self->_index.shape[0])) __pyx_t_3 = 0;
   if (unlikely(__pyx_t_3 != -1)) {
     __Pyx_RaiseBufferIndexError(__pyx_t_3);
-    __PYX_ERR(0, 70, __pyx_L1_error)
+    __PYX_ERR(0, 73, __pyx_L1_error)
   }
   __pyx_v_hi = (*((PY_LONG_LONG const  *) ( /* dim=0 */ (__pyx_v_self->_index.data + __pyx_t_2 * __pyx_v_self->_index.strides[0]) )));
 
-  /* "proxy/routing.py":71
+  /* "proxy/routing.py":74
  *         lo = self._index[pos >> self._shift]
  *         hi = self._index[(pos >> self._shift) + 1]
  *         while lo < hi:  # bisect_right(starts, pos, lo, hi), over one bucket of the index             # <<<<<<<<<<<<<<
@@ -18975,7 +19000,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
 
     if (!__pyx_t_4) break;
 
-    /* "proxy/routing.py":72
+    /* "proxy/routing.py":75
  *         hi = self._index[(pos >> self._shift) + 1]
  *         while lo < hi:  # bisect_right(starts, pos, lo, hi), over one bucket of the index
  *             mid = (lo + hi) >> 1             # <<<<<<<<<<<<<<
@@ -18984,7 +19009,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
 */
     __pyx_v_mid = ((__pyx_v_lo + __pyx_v_hi) >> 1);
 
-    /* "proxy/routing.py":73
+    /* "proxy/routing.py":76
  *         while lo < hi:  # bisect_right(starts, pos, lo, hi), over one bucket of the index
  *             mid = (lo + hi) >> 1
  *             if pos < starts[mid]:             # <<<<<<<<<<<<<<
@@ -18999,14 +19024,14 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
     } else if (unlikely(__pyx_t_5 >= __pyx_v_starts.shape[0])) __pyx_t_3 = 0;
     if (unlikely(__pyx_t_3 != -1)) {
       __Pyx_RaiseBufferIndexError(__pyx_t_3);
-      __PYX_ERR(0, 73, __pyx_L1_error)
+      __PYX_ERR(0, 76, __pyx_L1_error)
     }
     __pyx_t_4 = (__pyx_v_pos < (*((unsigned PY_LONG_LONG const  *) ( /* dim=0 */ (__pyx_v_starts.data + __pyx_t_5 * __pyx_v_starts.strides[0]) ))));
 
     if (__pyx_t_4) {
 
 
-      /* "proxy/routing.py":74
+      /* "proxy/routing.py":77
  *             mid = (lo + hi) >> 1
  *             if pos < starts[mid]:
  *                 hi = mid             # <<<<<<<<<<<<<<
@@ -19015,7 +19040,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
 */
       __pyx_v_hi = __pyx_v_mid;
 
-      /* "proxy/routing.py":73
+      /* "proxy/routing.py":76
  *         while lo < hi:  # bisect_right(starts, pos, lo, hi), over one bucket of the index
  *             mid = (lo + hi) >> 1
  *             if pos < starts[mid]:             # <<<<<<<<<<<<<<
@@ -19025,7 +19050,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
       goto __pyx_L5;
     }
 
-    /* "proxy/routing.py":76
+    /* "proxy/routing.py":79
  *                 hi = mid
  *             else:
  *                 lo = mid + 1             # <<<<<<<<<<<<<<
@@ -19038,7 +19063,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
     __pyx_L5:;
   }
 
-  /* "proxy/routing.py":77
+  /* "proxy/routing.py":80
  *             else:
  *                 lo = mid + 1
  *         i = lo - 1             # <<<<<<<<<<<<<<
@@ -19047,7 +19072,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
 */
   __pyx_v_i = (__pyx_v_lo - 1);
 
-  /* "proxy/routing.py":78
+  /* "proxy/routing.py":81
  *                 lo = mid + 1
  *         i = lo - 1
  *         end = starts[i + 1] if i + 1 < self._count else KEY_SPACE             # <<<<<<<<<<<<<<
@@ -19065,14 +19090,14 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
     } else if (unlikely(__pyx_t_5 >= __pyx_v_starts.shape[0])) __pyx_t_3 = 0;
     if (unlikely(__pyx_t_3 != -1)) {
       __Pyx_RaiseBufferIndexError(__pyx_t_3);
-      __PYX_ERR(0, 78, __pyx_L1_error)
+      __PYX_ERR(0, 81, __pyx_L1_error)
     }
-    __pyx_t_7 = __Pyx_PyLong_From_unsigned_PY_LONG_LONG((*((unsigned PY_LONG_LONG const  *) ( /* dim=0 */ (__pyx_v_starts.data + __pyx_t_5 * __pyx_v_starts.strides[0]) )))); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 78, __pyx_L1_error)
+    __pyx_t_7 = __Pyx_PyLong_From_unsigned_PY_LONG_LONG((*((unsigned PY_LONG_LONG const  *) ( /* dim=0 */ (__pyx_v_starts.data + __pyx_t_5 * __pyx_v_starts.strides[0]) )))); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 81, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
     __pyx_t_6 = __pyx_t_7;
     __pyx_t_7 = 0;
   } else {
-    __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_KEY_SPACE); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 78, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_7, __pyx_mstate_global->__pyx_n_u_KEY_SPACE); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 81, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_7);
     __pyx_t_6 = __pyx_t_7;
     __pyx_t_7 = 0;
@@ -19081,7 +19106,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
   __pyx_v_end = __pyx_t_6;
   __pyx_t_6 = 0;
 
-  /* "proxy/routing.py":79
+  /* "proxy/routing.py":82
  *         i = lo - 1
  *         end = starts[i + 1] if i + 1 < self._count else KEY_SPACE
  *         pod = self._pods[self._owner[i]]             # <<<<<<<<<<<<<<
@@ -19090,9 +19115,9 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
 */
   if (unlikely(__pyx_v_self->_pods == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 79, __pyx_L1_error)
+    __PYX_ERR(0, 82, __pyx_L1_error)
   }
-  if (unlikely(!__pyx_v_self->_owner.memview)) {PyErr_SetString(PyExc_AttributeError,"Memoryview is not initialized");__PYX_ERR(0, 79, __pyx_L1_error)}
+  if (unlikely(!__pyx_v_self->_owner.memview)) {PyErr_SetString(PyExc_AttributeError,"Memoryview is not initialized");__PYX_ERR(0, 82, __pyx_L1_error)}
   __pyx_t_5 = __pyx_v_i;
   __pyx_t_3 = -1;
   if (__pyx_t_5 < 0) {
@@ -19101,17 +19126,17 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
   } else if (unlikely(__pyx_t_5 >= __pyx_v_self->_owner.shape[0])) __pyx_t_3 = 0;
   if (unlikely(__pyx_t_3 != -1)) {
     __Pyx_RaiseBufferIndexError(__pyx_t_3);
-    __PYX_ERR(0, 79, __pyx_L1_error)
+    __PYX_ERR(0, 82, __pyx_L1_error)
   }
   __pyx_t_8 = (*((unsigned int const  *) ( /* dim=0 */ (__pyx_v_self->_owner.data + __pyx_t_5 * __pyx_v_self->_owner.strides[0]) )));
 
-  __pyx_t_6 = __Pyx_GetItemInt_Tuple(__pyx_v_self->_pods, __pyx_t_8, unsigned int const , 0, __Pyx_PyLong_From_unsigned_int, 0, 1, 1, __Pyx_ReferenceSharing_SharedReference); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 79, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_GetItemInt_Tuple(__pyx_v_self->_pods, __pyx_t_8, unsigned int const , 0, __Pyx_PyLong_From_unsigned_int, 0, 1, 1, __Pyx_ReferenceSharing_SharedReference); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 82, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
 
   __pyx_v_pod = __pyx_t_6;
   __pyx_t_6 = 0;
 
-  /* "proxy/routing.py":80
+  /* "proxy/routing.py":83
  *         end = starts[i + 1] if i + 1 < self._count else KEY_SPACE
  *         pod = self._pods[self._owner[i]]
  *         backups = self._combos[self._backup[i]]             # <<<<<<<<<<<<<<
@@ -19120,9 +19145,9 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
 */
   if (unlikely(__pyx_v_self->_combos == Py_None)) {
     PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-    __PYX_ERR(0, 80, __pyx_L1_error)
+    __PYX_ERR(0, 83, __pyx_L1_error)
   }
-  if (unlikely(!__pyx_v_self->_backup.memview)) {PyErr_SetString(PyExc_AttributeError,"Memoryview is not initialized");__PYX_ERR(0, 80, __pyx_L1_error)}
+  if (unlikely(!__pyx_v_self->_backup.memview)) {PyErr_SetString(PyExc_AttributeError,"Memoryview is not initialized");__PYX_ERR(0, 83, __pyx_L1_error)}
   __pyx_t_5 = __pyx_v_i;
   __pyx_t_3 = -1;
   if (__pyx_t_5 < 0) {
@@ -19131,17 +19156,17 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
   } else if (unlikely(__pyx_t_5 >= __pyx_v_self->_backup.shape[0])) __pyx_t_3 = 0;
   if (unlikely(__pyx_t_3 != -1)) {
     __Pyx_RaiseBufferIndexError(__pyx_t_3);
-    __PYX_ERR(0, 80, __pyx_L1_error)
+    __PYX_ERR(0, 83, __pyx_L1_error)
   }
   __pyx_t_8 = (*((unsigned int const  *) ( /* dim=0 */ (__pyx_v_self->_backup.data + __pyx_t_5 * __pyx_v_self->_backup.strides[0]) )));
 
-  __pyx_t_6 = __Pyx_GetItemInt_Tuple(__pyx_v_self->_combos, __pyx_t_8, unsigned int const , 0, __Pyx_PyLong_From_unsigned_int, 0, 1, 1, __Pyx_ReferenceSharing_SharedReference); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 80, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_GetItemInt_Tuple(__pyx_v_self->_combos, __pyx_t_8, unsigned int const , 0, __Pyx_PyLong_From_unsigned_int, 0, 1, 1, __Pyx_ReferenceSharing_SharedReference); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 83, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
 
   __pyx_v_backups = __pyx_t_6;
   __pyx_t_6 = 0;
 
-  /* "proxy/routing.py":81
+  /* "proxy/routing.py":84
  *         pod = self._pods[self._owner[i]]
  *         backups = self._combos[self._backup[i]]
  *         return _new_tuple(Route, (i, starts[i], end, pod, self._epoch[i], backups, self.generation))             # <<<<<<<<<<<<<<
@@ -19149,11 +19174,11 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
  *     def request_tag(self, route: Route, pod: Pod) -> bytes:
 */
   __pyx_t_7 = NULL;
-  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_new_tuple); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 81, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_9, __pyx_mstate_global->__pyx_n_u_new_tuple); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 84, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_9);
-  __Pyx_GetModuleGlobalName(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_Route); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 81, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_Route); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 84, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
-  __pyx_t_11 = PyLong_FromSsize_t(__pyx_v_i); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 81, __pyx_L1_error)
+  __pyx_t_11 = PyLong_FromSsize_t(__pyx_v_i); if (unlikely(!__pyx_t_11)) __PYX_ERR(0, 84, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_11);
   __pyx_t_5 = __pyx_v_i;
   __pyx_t_3 = -1;
@@ -19163,11 +19188,11 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
   } else if (unlikely(__pyx_t_5 >= __pyx_v_starts.shape[0])) __pyx_t_3 = 0;
   if (unlikely(__pyx_t_3 != -1)) {
     __Pyx_RaiseBufferIndexError(__pyx_t_3);
-    __PYX_ERR(0, 81, __pyx_L1_error)
+    __PYX_ERR(0, 84, __pyx_L1_error)
   }
-  __pyx_t_12 = __Pyx_PyLong_From_unsigned_PY_LONG_LONG((*((unsigned PY_LONG_LONG const  *) ( /* dim=0 */ (__pyx_v_starts.data + __pyx_t_5 * __pyx_v_starts.strides[0]) )))); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 81, __pyx_L1_error)
+  __pyx_t_12 = __Pyx_PyLong_From_unsigned_PY_LONG_LONG((*((unsigned PY_LONG_LONG const  *) ( /* dim=0 */ (__pyx_v_starts.data + __pyx_t_5 * __pyx_v_starts.strides[0]) )))); if (unlikely(!__pyx_t_12)) __PYX_ERR(0, 84, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_12);
-  if (unlikely(!__pyx_v_self->_epoch.memview)) {PyErr_SetString(PyExc_AttributeError,"Memoryview is not initialized");__PYX_ERR(0, 81, __pyx_L1_error)}
+  if (unlikely(!__pyx_v_self->_epoch.memview)) {PyErr_SetString(PyExc_AttributeError,"Memoryview is not initialized");__PYX_ERR(0, 84, __pyx_L1_error)}
   __pyx_t_5 = __pyx_v_i;
   __pyx_t_3 = -1;
   if (__pyx_t_5 < 0) {
@@ -19176,30 +19201,30 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
   } else if (unlikely(__pyx_t_5 >= __pyx_v_self->_epoch.shape[0])) __pyx_t_3 = 0;
   if (unlikely(__pyx_t_3 != -1)) {
     __Pyx_RaiseBufferIndexError(__pyx_t_3);
-    __PYX_ERR(0, 81, __pyx_L1_error)
+    __PYX_ERR(0, 84, __pyx_L1_error)
   }
-  __pyx_t_13 = __Pyx_PyLong_From_unsigned_PY_LONG_LONG((*((unsigned PY_LONG_LONG const  *) ( /* dim=0 */ (__pyx_v_self->_epoch.data + __pyx_t_5 * __pyx_v_self->_epoch.strides[0]) )))); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 81, __pyx_L1_error)
+  __pyx_t_13 = __Pyx_PyLong_From_unsigned_PY_LONG_LONG((*((unsigned PY_LONG_LONG const  *) ( /* dim=0 */ (__pyx_v_self->_epoch.data + __pyx_t_5 * __pyx_v_self->_epoch.strides[0]) )))); if (unlikely(!__pyx_t_13)) __PYX_ERR(0, 84, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_13);
-  __pyx_t_14 = PyTuple_New(7); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 81, __pyx_L1_error)
+  __pyx_t_14 = PyTuple_New(7); if (unlikely(!__pyx_t_14)) __PYX_ERR(0, 84, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_14);
   __Pyx_GIVEREF(__pyx_t_11);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 0, __pyx_t_11) != (0)) __PYX_ERR(0, 81, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 0, __pyx_t_11) != (0)) __PYX_ERR(0, 84, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_12);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 1, __pyx_t_12) != (0)) __PYX_ERR(0, 81, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 1, __pyx_t_12) != (0)) __PYX_ERR(0, 84, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_end);
   __Pyx_GIVEREF(__pyx_v_end);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 2, __pyx_v_end) != (0)) __PYX_ERR(0, 81, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 2, __pyx_v_end) != (0)) __PYX_ERR(0, 84, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_pod);
   __Pyx_GIVEREF(__pyx_v_pod);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 3, __pyx_v_pod) != (0)) __PYX_ERR(0, 81, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 3, __pyx_v_pod) != (0)) __PYX_ERR(0, 84, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_13);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 4, __pyx_t_13) != (0)) __PYX_ERR(0, 81, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 4, __pyx_t_13) != (0)) __PYX_ERR(0, 84, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_backups);
   __Pyx_GIVEREF(__pyx_v_backups);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 5, __pyx_v_backups) != (0)) __PYX_ERR(0, 81, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 5, __pyx_v_backups) != (0)) __PYX_ERR(0, 84, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_self->generation);
   __Pyx_GIVEREF(__pyx_v_self->generation);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 6, __pyx_v_self->generation) != (0)) __PYX_ERR(0, 81, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_14, 6, __pyx_v_self->generation) != (0)) __PYX_ERR(0, 84, __pyx_L1_error);
   __pyx_t_11 = 0;
   __pyx_t_12 = 0;
   __pyx_t_13 = 0;
@@ -19222,7 +19247,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
     __Pyx_DECREF(__pyx_t_14); __pyx_t_14 = 0;
     __Pyx_DECREF(__pyx_t_9); __pyx_t_9 = 0;
-    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 81, __pyx_L1_error)
+    if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 84, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
   }
   {
@@ -19236,8 +19261,8 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_route_at(struct __pyx_ob
   __pyx_t_6 = 0;
   goto __pyx_L0;
 
-  /* "proxy/routing.py":66
- *         return self.route_at(position(key))
+  /* "proxy/routing.py":69
+ *         return self.route_at(_hash64(key, 0, signed=False)[0])  # position(key), inlined
  * 
  *     def route_at(self, pos: int) -> Route:             # <<<<<<<<<<<<<<
  *         """The route for a position: ``assignment.lookup_position(pos)``."""
@@ -19311,32 +19336,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_pos,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 66, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 69, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 66, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 69, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "route_at", 0) < (0)) __PYX_ERR(0, 66, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "route_at", 0) < (0)) __PYX_ERR(0, 69, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("route_at", 1, 1, 1, i); __PYX_ERR(0, 66, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("route_at", 1, 1, 1, i); __PYX_ERR(0, 69, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 66, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 69, __pyx_L3_error)
     }
-    __pyx_v_pos = __Pyx_PyLong_As_unsigned_PY_LONG_LONG(values[0]); if (unlikely((__pyx_v_pos == (unsigned PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 66, __pyx_L3_error)
+    __pyx_v_pos = __Pyx_PyLong_As_unsigned_PY_LONG_LONG(values[0]); if (unlikely((__pyx_v_pos == (unsigned PY_LONG_LONG)-1) && PyErr_Occurred())) __PYX_ERR(0, 69, __pyx_L3_error)
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("route_at", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 66, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("route_at", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 69, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -19366,7 +19391,7 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_4route_at(struct __pyx_
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("route_at", 0);
-  __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable_route_at(__pyx_v_self, __pyx_v_pos, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 66, __pyx_L1_error)
+  __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable_route_at(__pyx_v_self, __pyx_v_pos, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 69, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -19390,7 +19415,7 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_4route_at(struct __pyx_
   return __pyx_r;
 }
 
-/* "proxy/routing.py":83
+/* "proxy/routing.py":86
  *         return _new_tuple(Route, (i, starts[i], end, pod, self._epoch[i], backups, self.generation))
  * 
  *     def request_tag(self, route: Route, pod: Pod) -> bytes:             # <<<<<<<<<<<<<<
@@ -19406,62 +19431,65 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 #endif
 ); /*proto*/
 static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_request_tag(struct __pyx_obj_5proxy_7routing_RoutingTable *__pyx_v_self, PyObject *__pyx_v_route, PyObject *__pyx_v_pod, CYTHON_UNUSED int __pyx_skip_dispatch) {
-  PyObject *__pyx_v_i = NULL;
+  Py_ssize_t __pyx_v_i;
   PyObject *__pyx_v_tag = NULL;
   PyObject *__pyx_r = NULL;
   __Pyx_RefNannyDeclarations
   PyObject *__pyx_t_1 = NULL;
-  int __pyx_t_2;
+  Py_ssize_t __pyx_t_2;
   int __pyx_t_3;
-  PyObject *__pyx_t_4 = NULL;
-  size_t __pyx_t_5;
-  PyObject *__pyx_t_6 = NULL;
+  int __pyx_t_4;
+  PyObject *__pyx_t_5 = NULL;
+  size_t __pyx_t_6;
   PyObject *__pyx_t_7 = NULL;
+  PyObject *__pyx_t_8 = NULL;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("request_tag", 0);
 
-  /* "proxy/routing.py":85
+  /* "proxy/routing.py":88
  *     def request_tag(self, route: Route, pod: Pod) -> bytes:
  *         """X-Keyroute-* request headers for ``pod`` serving ``route``."""
  *         i = route.index             # <<<<<<<<<<<<<<
  *         if pod is route.pod and i >= 0:
  *             tag = self._req_tags[i]
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_index_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 85, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_index_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 88, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_v_i = __pyx_t_1;
-  __pyx_t_1 = 0;
+  __pyx_t_2 = __Pyx_PyIndex_AsSsize_t(__pyx_t_1); if (unlikely((__pyx_t_2 == (Py_ssize_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 88, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
+  __pyx_v_i = __pyx_t_2;
 
-  /* "proxy/routing.py":86
+  /* "proxy/routing.py":89
  *         """X-Keyroute-* request headers for ``pod`` serving ``route``."""
  *         i = route.index
  *         if pod is route.pod and i >= 0:             # <<<<<<<<<<<<<<
  *             tag = self._req_tags[i]
  *             if tag is None:
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_pod); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 86, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_pod); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 89, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_3 = (__pyx_v_pod == __pyx_t_1);
+  __pyx_t_4 = (__pyx_v_pod == __pyx_t_1);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  if (__pyx_t_3) {
+  if (__pyx_t_4) {
 
   } else {
 
-    __pyx_t_2 = __pyx_t_3;
+    __pyx_t_3 = __pyx_t_4;
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_3 = __Pyx_PyObject_CompareBoolGe_object_int(__pyx_v_i, __pyx_mstate_global->__pyx_int_0, Py_GE); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 86, __pyx_L1_error)
+  __pyx_t_4 = (__pyx_v_i >= 0);
 
-  __pyx_t_2 = __pyx_t_3;
+
+  __pyx_t_3 = __pyx_t_4;
 
   __pyx_L4_bool_binop_done:;
-  if (__pyx_t_2) {
+  if (__pyx_t_3) {
 
 
-    /* "proxy/routing.py":87
+    /* "proxy/routing.py":90
  *         i = route.index
  *         if pod is route.pod and i >= 0:
  *             tag = self._req_tags[i]             # <<<<<<<<<<<<<<
@@ -19470,51 +19498,51 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_request_tag(struct __pyx
 */
     if (unlikely(__pyx_v_self->_req_tags == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(0, 87, __pyx_L1_error)
+      __PYX_ERR(0, 90, __pyx_L1_error)
     }
-    __pyx_t_1 = __Pyx_PyObject_GetItem(__pyx_v_self->_req_tags, __pyx_v_i); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 87, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_GetItemInt_List(__pyx_v_self->_req_tags, __pyx_v_i, Py_ssize_t, 1, PyLong_FromSsize_t, 1, 1, 1, __Pyx_ReferenceSharing_SharedReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 90, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __pyx_v_tag = __pyx_t_1;
     __pyx_t_1 = 0;
 
-    /* "proxy/routing.py":88
+    /* "proxy/routing.py":91
  *         if pod is route.pod and i >= 0:
  *             tag = self._req_tags[i]
  *             if tag is None:             # <<<<<<<<<<<<<<
  *                 tag = self._req_tags[i] = self._tag(route, pod, b"owner")
  *             return tag
 */
-    __pyx_t_2 = (__pyx_v_tag == Py_None);
-    if (__pyx_t_2) {
+    __pyx_t_3 = (__pyx_v_tag == Py_None);
+    if (__pyx_t_3) {
 
 
-      /* "proxy/routing.py":89
+      /* "proxy/routing.py":92
  *             tag = self._req_tags[i]
  *             if tag is None:
  *                 tag = self._req_tags[i] = self._tag(route, pod, b"owner")             # <<<<<<<<<<<<<<
  *             return tag
  *         return self._tag(route, pod, b"owner" if pod is route.pod else b"backup")
 */
-      __pyx_t_4 = ((PyObject *)__pyx_v_self);
-      __Pyx_INCREF(__pyx_t_4);
-      __pyx_t_5 = 0;
+      __pyx_t_5 = ((PyObject *)__pyx_v_self);
+      __Pyx_INCREF(__pyx_t_5);
+      __pyx_t_6 = 0;
       {
-        PyObject *__pyx_callargs[4] = {__pyx_t_4, __pyx_v_route, __pyx_v_pod, __pyx_mstate_global->__pyx_n_b_owner_2};
-        __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_tag, __pyx_callargs+__pyx_t_5, (4-__pyx_t_5) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-        __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 89, __pyx_L1_error)
+        PyObject *__pyx_callargs[4] = {__pyx_t_5, __pyx_v_route, __pyx_v_pod, __pyx_mstate_global->__pyx_n_b_owner_2};
+        __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_tag, __pyx_callargs+__pyx_t_6, (4-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+        __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
+        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 92, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_1);
       }
       __Pyx_INCREF(__pyx_t_1);
       __Pyx_DECREF_SET(__pyx_v_tag, __pyx_t_1);
       if (unlikely(__pyx_v_self->_req_tags == Py_None)) {
         PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-        __PYX_ERR(0, 89, __pyx_L1_error)
+        __PYX_ERR(0, 92, __pyx_L1_error)
       }
-      if (unlikely((PyObject_SetItem(__pyx_v_self->_req_tags, __pyx_v_i, __pyx_t_1) < 0))) __PYX_ERR(0, 89, __pyx_L1_error)
+      if (unlikely((__Pyx_SetItemInt(__pyx_v_self->_req_tags, __pyx_v_i, __pyx_t_1, Py_ssize_t, 1, PyLong_FromSsize_t, 1, 1, 1, __Pyx_ReferenceSharing_SharedReference) < 0))) __PYX_ERR(0, 92, __pyx_L1_error)
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-      /* "proxy/routing.py":88
+      /* "proxy/routing.py":91
  *         if pod is route.pod and i >= 0:
  *             tag = self._req_tags[i]
  *             if tag is None:             # <<<<<<<<<<<<<<
@@ -19523,7 +19551,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_request_tag(struct __pyx
 */
     }
 
-    /* "proxy/routing.py":90
+    /* "proxy/routing.py":93
  *             if tag is None:
  *                 tag = self._req_tags[i] = self._tag(route, pod, b"owner")
  *             return tag             # <<<<<<<<<<<<<<
@@ -19532,7 +19560,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_request_tag(struct __pyx
 */
     __pyx_t_1 = __pyx_v_tag;
     __Pyx_INCREF(__pyx_t_1);
-    if (!(likely(PyBytes_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_1))) __PYX_ERR(0, 90, __pyx_L1_error)
+    if (!(likely(PyBytes_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_1))) __PYX_ERR(0, 93, __pyx_L1_error)
     {
       PyObject *__pyx_temp;
       {
@@ -19544,7 +19572,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_request_tag(struct __pyx
     __pyx_t_1 = 0;
     goto __pyx_L0;
 
-    /* "proxy/routing.py":86
+    /* "proxy/routing.py":89
  *         """X-Keyroute-* request headers for ``pod`` serving ``route``."""
  *         i = route.index
  *         if pod is route.pod and i >= 0:             # <<<<<<<<<<<<<<
@@ -19553,37 +19581,37 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_request_tag(struct __pyx
 */
   }
 
-  /* "proxy/routing.py":91
+  /* "proxy/routing.py":94
  *                 tag = self._req_tags[i] = self._tag(route, pod, b"owner")
  *             return tag
  *         return self._tag(route, pod, b"owner" if pod is route.pod else b"backup")             # <<<<<<<<<<<<<<
  * 
  *     @staticmethod
 */
-  __pyx_t_4 = ((PyObject *)__pyx_v_self);
-  __Pyx_INCREF(__pyx_t_4);
-  __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_pod); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 91, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_7);
-  __pyx_t_2 = (__pyx_v_pod == __pyx_t_7);
-  __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-  if (__pyx_t_2) {
+  __pyx_t_5 = ((PyObject *)__pyx_v_self);
+  __Pyx_INCREF(__pyx_t_5);
+  __pyx_t_8 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_pod); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 94, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_8);
+  __pyx_t_3 = (__pyx_v_pod == __pyx_t_8);
+  __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
+  if (__pyx_t_3) {
     __Pyx_INCREF(__pyx_mstate_global->__pyx_n_b_owner_2);
-    __pyx_t_6 = __pyx_mstate_global->__pyx_n_b_owner_2;
+    __pyx_t_7 = __pyx_mstate_global->__pyx_n_b_owner_2;
   } else {
     __Pyx_INCREF(__pyx_mstate_global->__pyx_n_b_backup_2);
-    __pyx_t_6 = __pyx_mstate_global->__pyx_n_b_backup_2;
+    __pyx_t_7 = __pyx_mstate_global->__pyx_n_b_backup_2;
   }
 
-  __pyx_t_5 = 0;
+  __pyx_t_6 = 0;
   {
-    PyObject *__pyx_callargs[4] = {__pyx_t_4, __pyx_v_route, __pyx_v_pod, __pyx_t_6};
-    __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_tag, __pyx_callargs+__pyx_t_5, (4-__pyx_t_5) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-    __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-    __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 91, __pyx_L1_error)
+    PyObject *__pyx_callargs[4] = {__pyx_t_5, __pyx_v_route, __pyx_v_pod, __pyx_t_7};
+    __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_tag, __pyx_callargs+__pyx_t_6, (4-__pyx_t_6) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
+    __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 94, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
-  if (!(likely(PyBytes_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_1))) __PYX_ERR(0, 91, __pyx_L1_error)
+  if (!(likely(PyBytes_CheckExact(__pyx_t_1))||((__pyx_t_1) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_1))) __PYX_ERR(0, 94, __pyx_L1_error)
   {
     PyObject *__pyx_temp;
     {
@@ -19595,7 +19623,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_request_tag(struct __pyx
   __pyx_t_1 = 0;
   goto __pyx_L0;
 
-  /* "proxy/routing.py":83
+  /* "proxy/routing.py":86
  *         return _new_tuple(Route, (i, starts[i], end, pod, self._epoch[i], backups, self.generation))
  * 
  *     def request_tag(self, route: Route, pod: Pod) -> bytes:             # <<<<<<<<<<<<<<
@@ -19606,13 +19634,13 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_request_tag(struct __pyx
   /* function exit code */
   __pyx_L1_error:;
   __Pyx_XDECREF(__pyx_t_1);
-  __Pyx_XDECREF(__pyx_t_4);
-  __Pyx_XDECREF(__pyx_t_6);
+  __Pyx_XDECREF(__pyx_t_5);
   __Pyx_XDECREF(__pyx_t_7);
+  __Pyx_XDECREF(__pyx_t_8);
   __Pyx_AddTraceback("proxy.routing.RoutingTable.request_tag", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = 0;
   __pyx_L0:;
-  __Pyx_XDECREF(__pyx_v_i);
+
   __Pyx_XDECREF(__pyx_v_tag);
   __Pyx_XGIVEREF(__pyx_r);
   __Pyx_RefNannyFinishContext();
@@ -19660,39 +19688,39 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_route,&__pyx_mstate_global->__pyx_n_u_pod,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 83, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 86, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 83, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 86, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 83, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 86, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "request_tag", 0) < (0)) __PYX_ERR(0, 83, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "request_tag", 0) < (0)) __PYX_ERR(0, 86, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 2; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("request_tag", 1, 2, 2, i); __PYX_ERR(0, 83, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("request_tag", 1, 2, 2, i); __PYX_ERR(0, 86, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 2)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 83, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 86, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 83, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 86, __pyx_L3_error)
     }
     __pyx_v_route = values[0];
     __pyx_v_pod = values[1];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("request_tag", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 83, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("request_tag", 1, 2, 2, __pyx_nargs); __PYX_ERR(0, 86, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -19721,7 +19749,7 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_6request_tag(struct __p
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("request_tag", 0);
-  __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable_request_tag(__pyx_v_self, __pyx_v_route, __pyx_v_pod, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable_request_tag(__pyx_v_self, __pyx_v_route, __pyx_v_pod, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 86, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -19745,7 +19773,7 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_6request_tag(struct __p
   return __pyx_r;
 }
 
-/* "proxy/routing.py":93
+/* "proxy/routing.py":96
  *         return self._tag(route, pod, b"owner" if pod is route.pod else b"backup")
  * 
  *     @staticmethod             # <<<<<<<<<<<<<<
@@ -19794,38 +19822,38 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_route,&__pyx_mstate_global->__pyx_n_u_pod,&__pyx_mstate_global->__pyx_n_u_role,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 93, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 96, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 93, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 96, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 93, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 96, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 93, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 96, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_tag", 0) < (0)) __PYX_ERR(0, 93, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_tag", 0) < (0)) __PYX_ERR(0, 96, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 3; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_tag", 1, 3, 3, i); __PYX_ERR(0, 93, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_tag", 1, 3, 3, i); __PYX_ERR(0, 96, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 3)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 93, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 96, __pyx_L3_error)
       values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 93, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 96, __pyx_L3_error)
       values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 93, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 96, __pyx_L3_error)
     }
     __pyx_v_route = values[0];
     __pyx_v_pod = values[1];
@@ -19833,7 +19861,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("_tag", 1, 3, 3, __pyx_nargs); __PYX_ERR(0, 93, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("_tag", 1, 3, 3, __pyx_nargs); __PYX_ERR(0, 96, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -19867,14 +19895,14 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_8_tag(PyObject *__pyx_v
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("_tag", 0);
 
-  /* "proxy/routing.py":96
+  /* "proxy/routing.py":99
  *     def _tag(route: Route, pod: Pod, role: bytes) -> bytes:
  *         return b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\nX-Keyroute-Epoch: %d\r\nX-Keyroute-Role: %s\r\n" % (
  *             pod.id.encode(),             # <<<<<<<<<<<<<<
  *             route.generation,
  *             route.epoch,
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_pod, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 96, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_pod, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 99, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __pyx_t_2 = __pyx_t_3;
   __Pyx_INCREF(__pyx_t_2);
@@ -19884,60 +19912,60 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_8_tag(PyObject *__pyx_v
     __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_encode, __pyx_callargs+__pyx_t_4, (1-__pyx_t_4) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
     __Pyx_XDECREF(__pyx_t_2); __pyx_t_2 = 0;
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 96, __pyx_L1_error)
+    if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 99, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
   }
 
-  /* "proxy/routing.py":97
+  /* "proxy/routing.py":100
  *         return b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\nX-Keyroute-Epoch: %d\r\nX-Keyroute-Role: %s\r\n" % (
  *             pod.id.encode(),
  *             route.generation,             # <<<<<<<<<<<<<<
  *             route.epoch,
  *             role,
 */
-  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_generation); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 97, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_generation); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 100, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
 
-  /* "proxy/routing.py":98
+  /* "proxy/routing.py":101
  *             pod.id.encode(),
  *             route.generation,
  *             route.epoch,             # <<<<<<<<<<<<<<
  *             role,
  *         )
 */
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_epoch_2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 98, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_epoch_2); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 101, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
 
-  /* "proxy/routing.py":96
+  /* "proxy/routing.py":99
  *     def _tag(route: Route, pod: Pod, role: bytes) -> bytes:
  *         return b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\nX-Keyroute-Epoch: %d\r\nX-Keyroute-Role: %s\r\n" % (
  *             pod.id.encode(),             # <<<<<<<<<<<<<<
  *             route.generation,
  *             route.epoch,
 */
-  __pyx_t_5 = PyTuple_New(4); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 96, __pyx_L1_error)
+  __pyx_t_5 = PyTuple_New(4); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 99, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_GIVEREF(__pyx_t_1);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 96, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 99, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_3);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_t_3) != (0)) __PYX_ERR(0, 96, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_t_3) != (0)) __PYX_ERR(0, 99, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_2);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 2, __pyx_t_2) != (0)) __PYX_ERR(0, 96, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 2, __pyx_t_2) != (0)) __PYX_ERR(0, 99, __pyx_L1_error);
   __Pyx_INCREF(__pyx_v_role);
   __Pyx_GIVEREF(__pyx_v_role);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 3, __pyx_v_role) != (0)) __PYX_ERR(0, 96, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 3, __pyx_v_role) != (0)) __PYX_ERR(0, 99, __pyx_L1_error);
   __pyx_t_1 = 0;
   __pyx_t_3 = 0;
   __pyx_t_2 = 0;
 
-  /* "proxy/routing.py":95
+  /* "proxy/routing.py":98
  *     @staticmethod
  *     def _tag(route: Route, pod: Pod, role: bytes) -> bytes:
  *         return b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\nX-Keyroute-Epoch: %d\r\nX-Keyroute-Role: %s\r\n" % (             # <<<<<<<<<<<<<<
  *             pod.id.encode(),
  *             route.generation,
 */
-  __pyx_t_2 = PyNumber_Remainder(__pyx_mstate_global->__pyx_kp_b_X_Keyroute_Pod_s_X_Keyroute_Gene, __pyx_t_5); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 95, __pyx_L1_error)
+  __pyx_t_2 = PyNumber_Remainder(__pyx_mstate_global->__pyx_kp_b_X_Keyroute_Pod_s_X_Keyroute_Gene, __pyx_t_5); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 98, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   {
@@ -19951,7 +19979,7 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_8_tag(PyObject *__pyx_v
   __pyx_t_2 = 0;
   goto __pyx_L0;
 
-  /* "proxy/routing.py":93
+  /* "proxy/routing.py":96
  *         return self._tag(route, pod, b"owner" if pod is route.pod else b"backup")
  * 
  *     @staticmethod             # <<<<<<<<<<<<<<
@@ -19973,7 +20001,7 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_8_tag(PyObject *__pyx_v
   return __pyx_r;
 }
 
-/* "proxy/routing.py":102
+/* "proxy/routing.py":105
  *         )
  * 
  *     def response_tag(self, pod: Pod) -> bytes:             # <<<<<<<<<<<<<<
@@ -20002,7 +20030,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_response_tag(struct __py
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("response_tag", 0);
 
-  /* "proxy/routing.py":103
+  /* "proxy/routing.py":106
  * 
  *     def response_tag(self, pod: Pod) -> bytes:
  *         tag = self._resp_tags.get(pod.id)             # <<<<<<<<<<<<<<
@@ -20011,17 +20039,17 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_response_tag(struct __py
 */
   if (unlikely(__pyx_v_self->_resp_tags == Py_None)) {
     PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "get");
-    __PYX_ERR(0, 103, __pyx_L1_error)
+    __PYX_ERR(0, 106, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_pod, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 103, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_pod, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 106, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyDict_GetItemDefault(__pyx_v_self->_resp_tags, __pyx_t_1, Py_None); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 103, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyDict_GetItemDefault(__pyx_v_self->_resp_tags, __pyx_t_1, Py_None); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 106, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
   __pyx_v_tag = __pyx_t_2;
   __pyx_t_2 = 0;
 
-  /* "proxy/routing.py":104
+  /* "proxy/routing.py":107
  *     def response_tag(self, pod: Pod) -> bytes:
  *         tag = self._resp_tags.get(pod.id)
  *         if tag is None:             # <<<<<<<<<<<<<<
@@ -20032,14 +20060,14 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_response_tag(struct __py
   if (__pyx_t_3) {
 
 
-    /* "proxy/routing.py":106
+    /* "proxy/routing.py":109
  *         if tag is None:
  *             tag = self._resp_tags[pod.id] = b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\n" % (
  *                 pod.id.encode(),             # <<<<<<<<<<<<<<
  *                 self.generation,
  *             )
 */
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_pod, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 106, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_pod, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 109, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __pyx_t_1 = __pyx_t_4;
     __Pyx_INCREF(__pyx_t_1);
@@ -20049,49 +20077,49 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_response_tag(struct __py
       __pyx_t_2 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_encode, __pyx_callargs+__pyx_t_5, (1-__pyx_t_5) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 106, __pyx_L1_error)
+      if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 109, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_2);
     }
 
-    /* "proxy/routing.py":107
+    /* "proxy/routing.py":110
  *             tag = self._resp_tags[pod.id] = b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\n" % (
  *                 pod.id.encode(),
  *                 self.generation,             # <<<<<<<<<<<<<<
  *             )
  *         return tag
 */
-    __pyx_t_4 = PyTuple_New(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 106, __pyx_L1_error)
+    __pyx_t_4 = PyTuple_New(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 109, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __Pyx_GIVEREF(__pyx_t_2);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 106, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 109, __pyx_L1_error);
     __Pyx_INCREF(__pyx_v_self->generation);
     __Pyx_GIVEREF(__pyx_v_self->generation);
-    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 1, __pyx_v_self->generation) != (0)) __PYX_ERR(0, 106, __pyx_L1_error);
+    if (__Pyx_PyTuple_SET_ITEM(__pyx_t_4, 1, __pyx_v_self->generation) != (0)) __PYX_ERR(0, 109, __pyx_L1_error);
     __pyx_t_2 = 0;
 
-    /* "proxy/routing.py":105
+    /* "proxy/routing.py":108
  *         tag = self._resp_tags.get(pod.id)
  *         if tag is None:
  *             tag = self._resp_tags[pod.id] = b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\n" % (             # <<<<<<<<<<<<<<
  *                 pod.id.encode(),
  *                 self.generation,
 */
-    __pyx_t_2 = PyNumber_Remainder(__pyx_mstate_global->__pyx_kp_b_X_Keyroute_Pod_s_X_Keyroute_Gene_2, __pyx_t_4); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 105, __pyx_L1_error)
+    __pyx_t_2 = PyNumber_Remainder(__pyx_mstate_global->__pyx_kp_b_X_Keyroute_Pod_s_X_Keyroute_Gene_2, __pyx_t_4); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 108, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_INCREF(__pyx_t_2);
     __Pyx_DECREF_SET(__pyx_v_tag, __pyx_t_2);
     if (unlikely(__pyx_v_self->_resp_tags == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(0, 105, __pyx_L1_error)
+      __PYX_ERR(0, 108, __pyx_L1_error)
     }
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_pod, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 105, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_pod, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 108, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
-    if (unlikely((PyDict_SetItem(__pyx_v_self->_resp_tags, __pyx_t_4, __pyx_t_2) < 0))) __PYX_ERR(0, 105, __pyx_L1_error)
+    if (unlikely((PyDict_SetItem(__pyx_v_self->_resp_tags, __pyx_t_4, __pyx_t_2) < 0))) __PYX_ERR(0, 108, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
 
-    /* "proxy/routing.py":104
+    /* "proxy/routing.py":107
  *     def response_tag(self, pod: Pod) -> bytes:
  *         tag = self._resp_tags.get(pod.id)
  *         if tag is None:             # <<<<<<<<<<<<<<
@@ -20100,7 +20128,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_response_tag(struct __py
 */
   }
 
-  /* "proxy/routing.py":109
+  /* "proxy/routing.py":112
  *                 self.generation,
  *             )
  *         return tag             # <<<<<<<<<<<<<<
@@ -20109,7 +20137,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_response_tag(struct __py
 */
   __pyx_t_2 = __pyx_v_tag;
   __Pyx_INCREF(__pyx_t_2);
-  if (!(likely(PyBytes_CheckExact(__pyx_t_2))||((__pyx_t_2) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_2))) __PYX_ERR(0, 109, __pyx_L1_error)
+  if (!(likely(PyBytes_CheckExact(__pyx_t_2))||((__pyx_t_2) == Py_None) || __Pyx_RaiseUnexpectedTypeError("bytes", __pyx_t_2))) __PYX_ERR(0, 112, __pyx_L1_error)
   {
     PyObject *__pyx_temp;
     {
@@ -20121,7 +20149,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_response_tag(struct __py
   __pyx_t_2 = 0;
   goto __pyx_L0;
 
-  /* "proxy/routing.py":102
+  /* "proxy/routing.py":105
  *         )
  * 
  *     def response_tag(self, pod: Pod) -> bytes:             # <<<<<<<<<<<<<<
@@ -20182,32 +20210,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_pod,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 102, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 105, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 102, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 105, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "response_tag", 0) < (0)) __PYX_ERR(0, 102, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "response_tag", 0) < (0)) __PYX_ERR(0, 105, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("response_tag", 1, 1, 1, i); __PYX_ERR(0, 102, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("response_tag", 1, 1, 1, i); __PYX_ERR(0, 105, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 102, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 105, __pyx_L3_error)
     }
     __pyx_v_pod = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("response_tag", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 102, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("response_tag", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 105, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -20236,7 +20264,7 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_10response_tag(struct _
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("response_tag", 0);
-  __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable_response_tag(__pyx_v_self, __pyx_v_pod, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 102, __pyx_L1_error)
+  __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable_response_tag(__pyx_v_self, __pyx_v_pod, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 105, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -20260,7 +20288,7 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_10response_tag(struct _
   return __pyx_r;
 }
 
-/* "proxy/routing.py":111
+/* "proxy/routing.py":114
  *         return tag
  * 
  *     def candidates(self, route: Route) -> tuple[Pod, ...]:             # <<<<<<<<<<<<<<
@@ -20304,19 +20332,19 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("candidates", 0);
 
-  /* "proxy/routing.py":115
+  /* "proxy/routing.py":118
  *         (``failover = "any"``) the other active pods in rendezvous order. The
  *         same on every proxy replica."""
  *         i = route.index             # <<<<<<<<<<<<<<
  *         if self._any and i >= 0:
  *             order = self._with_backups(route)
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_index_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 115, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_index_2); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 118, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __pyx_v_i = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "proxy/routing.py":116
+  /* "proxy/routing.py":119
  *         same on every proxy replica."""
  *         i = route.index
  *         if self._any and i >= 0:             # <<<<<<<<<<<<<<
@@ -20327,7 +20355,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
   else
   {
     Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_v_self->_any);
-    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 116, __pyx_L1_error)
+    if (unlikely(((!CYTHON_ASSUME_SAFE_SIZE) && __pyx_temp < 0))) __PYX_ERR(0, 119, __pyx_L1_error)
     __pyx_t_3 = (__pyx_temp != 0);
   }
 
@@ -20339,7 +20367,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
 
     goto __pyx_L4_bool_binop_done;
   }
-  __pyx_t_3 = __Pyx_PyObject_CompareBoolGe_object_int(__pyx_v_i, __pyx_mstate_global->__pyx_int_0, Py_GE); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 116, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyObject_CompareBoolGe_object_int(__pyx_v_i, __pyx_mstate_global->__pyx_int_0, Py_GE); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 119, __pyx_L1_error)
 
   __pyx_t_2 = __pyx_t_3;
 
@@ -20347,19 +20375,19 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
   if (__pyx_t_2) {
 
 
-    /* "proxy/routing.py":117
+    /* "proxy/routing.py":120
  *         i = route.index
  *         if self._any and i >= 0:
  *             order = self._with_backups(route)             # <<<<<<<<<<<<<<
  *             rest = self._any[i]
  *             pods = self._pods
 */
-    __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable__with_backups(__pyx_v_self, __pyx_v_route, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 117, __pyx_L1_error)
+    __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable__with_backups(__pyx_v_self, __pyx_v_route, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 120, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __pyx_v_order = ((PyObject*)__pyx_t_1);
     __pyx_t_1 = 0;
 
-    /* "proxy/routing.py":118
+    /* "proxy/routing.py":121
  *         if self._any and i >= 0:
  *             order = self._with_backups(route)
  *             rest = self._any[i]             # <<<<<<<<<<<<<<
@@ -20368,14 +20396,14 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
 */
     if (unlikely(__pyx_v_self->_any == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(0, 118, __pyx_L1_error)
+      __PYX_ERR(0, 121, __pyx_L1_error)
     }
-    __pyx_t_1 = __Pyx_PyObject_GetItem(__pyx_v_self->_any, __pyx_v_i); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 118, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetItem(__pyx_v_self->_any, __pyx_v_i); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 121, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
     __pyx_v_rest = __pyx_t_1;
     __pyx_t_1 = 0;
 
-    /* "proxy/routing.py":119
+    /* "proxy/routing.py":122
  *             order = self._with_backups(route)
  *             rest = self._any[i]
  *             pods = self._pods             # <<<<<<<<<<<<<<
@@ -20387,7 +20415,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
     __pyx_v_pods = ((PyObject*)__pyx_t_1);
     __pyx_t_1 = 0;
 
-    /* "proxy/routing.py":120
+    /* "proxy/routing.py":123
  *             rest = self._any[i]
  *             pods = self._pods
  *             if rest is None:             # <<<<<<<<<<<<<<
@@ -20398,7 +20426,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
     if (__pyx_t_2) {
 
 
-      /* "proxy/routing.py":121
+      /* "proxy/routing.py":124
  *             pods = self._pods
  *             if rest is None:
  *                 seen = {p.id for p in order}             # <<<<<<<<<<<<<<
@@ -20406,11 +20434,11 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
  *                 ranked = rank(pods, route.start)
 */
       { /* enter inner scope */
-        __pyx_t_1 = PySet_New(NULL); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 121, __pyx_L9_error)
+        __pyx_t_1 = PySet_New(NULL); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 124, __pyx_L9_error)
         __Pyx_GOTREF(__pyx_t_1);
         if (unlikely(__pyx_v_order == Py_None)) {
           PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not iterable");
-          __PYX_ERR(0, 121, __pyx_L9_error)
+          __PYX_ERR(0, 124, __pyx_L9_error)
         }
         __pyx_t_4 = __pyx_v_order; __Pyx_INCREF(__pyx_t_4);
         __pyx_t_5 = 0;
@@ -20418,7 +20446,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
           {
             Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_4);
             #if !CYTHON_ASSUME_SAFE_SIZE
-            if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 121, __pyx_L9_error)
+            if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 124, __pyx_L9_error)
             #endif
             if (__pyx_t_5 >= __pyx_temp) break;
           }
@@ -20428,13 +20456,13 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
           __pyx_t_6 = __Pyx_PySequence_ITEM(__pyx_t_4, __pyx_t_5);
           #endif
           ++__pyx_t_5;
-          if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 121, __pyx_L9_error)
+          if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 124, __pyx_L9_error)
           __Pyx_GOTREF(__pyx_t_6);
           __Pyx_XDECREF_SET(__pyx_7genexpr__pyx_v_p, __pyx_t_6);
           __pyx_t_6 = 0;
-          __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_7genexpr__pyx_v_p, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 121, __pyx_L9_error)
+          __pyx_t_6 = __Pyx_PyObject_GetAttrStr(__pyx_7genexpr__pyx_v_p, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 124, __pyx_L9_error)
           __Pyx_GOTREF(__pyx_t_6);
-          if (unlikely(PySet_Add(__pyx_t_1, __pyx_t_6))) __PYX_ERR(0, 121, __pyx_L9_error)
+          if (unlikely(PySet_Add(__pyx_t_1, __pyx_t_6))) __PYX_ERR(0, 124, __pyx_L9_error)
           __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
         }
         __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
@@ -20448,7 +20476,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
       __pyx_v_seen = ((PyObject*)__pyx_t_1);
       __pyx_t_1 = 0;
 
-      /* "proxy/routing.py":122
+      /* "proxy/routing.py":125
  *             if rest is None:
  *                 seen = {p.id for p in order}
  *                 where = {p.id: k for k, p in enumerate(pods)}             # <<<<<<<<<<<<<<
@@ -20456,7 +20484,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
  *                 rest = self._any[i] = tuple([where[p.id] for p in ranked if p.id not in seen and p.active])
 */
       { /* enter inner scope */
-        __pyx_t_1 = PyDict_New(); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 122, __pyx_L16_error)
+        __pyx_t_1 = PyDict_New(); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 125, __pyx_L16_error)
         __Pyx_GOTREF(__pyx_t_1);
         __Pyx_INCREF(__pyx_mstate_global->__pyx_int_0);
         __pyx_t_4 = __pyx_mstate_global->__pyx_int_0;
@@ -20466,7 +20494,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
           {
             Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_6);
             #if !CYTHON_ASSUME_SAFE_SIZE
-            if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 122, __pyx_L16_error)
+            if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 125, __pyx_L16_error)
             #endif
             if (__pyx_t_5 >= __pyx_temp) break;
           }
@@ -20476,20 +20504,20 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
           __pyx_t_7 = __Pyx_PySequence_ITEM(__pyx_t_6, __pyx_t_5);
           #endif
           ++__pyx_t_5;
-          if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 122, __pyx_L16_error)
+          if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 125, __pyx_L16_error)
           __Pyx_GOTREF(__pyx_t_7);
           __Pyx_XDECREF_SET(__pyx_8genexpr1__pyx_v_p, __pyx_t_7);
           __pyx_t_7 = 0;
           __Pyx_INCREF(__pyx_t_4);
           __Pyx_XDECREF_SET(__pyx_8genexpr1__pyx_v_k, __pyx_t_4);
-          __pyx_t_7 = __Pyx_PyLong_AddObjC(__pyx_t_4, __pyx_mstate_global->__pyx_int_1, 1, 0, 0); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 122, __pyx_L16_error)
+          __pyx_t_7 = __Pyx_PyLong_AddObjC(__pyx_t_4, __pyx_mstate_global->__pyx_int_1, 1, 0, 0); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 125, __pyx_L16_error)
           __Pyx_GOTREF(__pyx_t_7);
           __Pyx_DECREF(__pyx_t_4);
           __pyx_t_4 = __pyx_t_7;
           __pyx_t_7 = 0;
-          __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_8genexpr1__pyx_v_p, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 122, __pyx_L16_error)
+          __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_8genexpr1__pyx_v_p, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 125, __pyx_L16_error)
           __Pyx_GOTREF(__pyx_t_7);
-          if (unlikely(PyDict_SetItem(__pyx_t_1, __pyx_t_7, __pyx_8genexpr1__pyx_v_k))) __PYX_ERR(0, 122, __pyx_L16_error)
+          if (unlikely(PyDict_SetItem(__pyx_t_1, __pyx_t_7, __pyx_8genexpr1__pyx_v_k))) __PYX_ERR(0, 125, __pyx_L16_error)
           __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
         }
         __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
@@ -20506,7 +20534,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
       __pyx_v_where = ((PyObject*)__pyx_t_1);
       __pyx_t_1 = 0;
 
-      /* "proxy/routing.py":123
+      /* "proxy/routing.py":126
  *                 seen = {p.id for p in order}
  *                 where = {p.id: k for k, p in enumerate(pods)}
  *                 ranked = rank(pods, route.start)             # <<<<<<<<<<<<<<
@@ -20514,9 +20542,9 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
  *             return (*order, *[pods[k] for k in rest])
 */
       __pyx_t_4 = NULL;
-      __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_rank); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 123, __pyx_L1_error)
+      __Pyx_GetModuleGlobalName(__pyx_t_6, __pyx_mstate_global->__pyx_n_u_rank); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 126, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
-      __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_start); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 123, __pyx_L1_error)
+      __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_start); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 126, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_7);
       __pyx_t_8 = 1;
       #if CYTHON_UNPACK_METHODS
@@ -20536,13 +20564,13 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
         __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
         __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
         __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
-        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 123, __pyx_L1_error)
+        if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 126, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_1);
       }
       __pyx_v_ranked = __pyx_t_1;
       __pyx_t_1 = 0;
 
-      /* "proxy/routing.py":124
+      /* "proxy/routing.py":127
  *                 where = {p.id: k for k, p in enumerate(pods)}
  *                 ranked = rank(pods, route.start)
  *                 rest = self._any[i] = tuple([where[p.id] for p in ranked if p.id not in seen and p.active])             # <<<<<<<<<<<<<<
@@ -20550,16 +20578,16 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
  *         return self._with_backups(route)
 */
       { /* enter inner scope */
-        __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 124, __pyx_L23_error)
+        __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 127, __pyx_L23_error)
         __Pyx_GOTREF(__pyx_t_1);
         if (likely(PyList_CheckExact(__pyx_v_ranked)) || PyTuple_CheckExact(__pyx_v_ranked)) {
           __pyx_t_6 = __pyx_v_ranked; __Pyx_INCREF(__pyx_t_6);
           __pyx_t_5 = 0;
           __pyx_t_9 = NULL;
         } else {
-          __pyx_t_5 = -1; __pyx_t_6 = PyObject_GetIter(__pyx_v_ranked); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 124, __pyx_L23_error)
+          __pyx_t_5 = -1; __pyx_t_6 = PyObject_GetIter(__pyx_v_ranked); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 127, __pyx_L23_error)
           __Pyx_GOTREF(__pyx_t_6);
-          __pyx_t_9 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_6); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 124, __pyx_L23_error)
+          __pyx_t_9 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_6); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 127, __pyx_L23_error)
         }
         for (;;) {
           if (likely(!__pyx_t_9)) {
@@ -20567,7 +20595,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
               {
                 Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_6);
                 #if !CYTHON_ASSUME_SAFE_SIZE
-                if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 124, __pyx_L23_error)
+                if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 127, __pyx_L23_error)
                 #endif
                 if (__pyx_t_5 >= __pyx_temp) break;
               }
@@ -20577,7 +20605,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
               {
                 Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_6);
                 #if !CYTHON_ASSUME_SAFE_SIZE
-                if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 124, __pyx_L23_error)
+                if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 127, __pyx_L23_error)
                 #endif
                 if (__pyx_t_5 >= __pyx_temp) break;
               }
@@ -20588,13 +20616,13 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
               #endif
               ++__pyx_t_5;
             }
-            if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 124, __pyx_L23_error)
+            if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 127, __pyx_L23_error)
           } else {
             __pyx_t_7 = __pyx_t_9(__pyx_t_6);
             if (unlikely(!__pyx_t_7)) {
               PyObject* exc_type = PyErr_Occurred();
               if (exc_type) {
-                if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 124, __pyx_L23_error)
+                if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 127, __pyx_L23_error)
                 PyErr_Clear();
               }
               break;
@@ -20603,9 +20631,9 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
           __Pyx_GOTREF(__pyx_t_7);
           __Pyx_XDECREF_SET(__pyx_8genexpr2__pyx_v_p, __pyx_t_7);
           __pyx_t_7 = 0;
-          __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_8genexpr2__pyx_v_p, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 124, __pyx_L23_error)
+          __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_8genexpr2__pyx_v_p, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 127, __pyx_L23_error)
           __Pyx_GOTREF(__pyx_t_7);
-          __pyx_t_3 = (__Pyx_PySet_ContainsTF(__pyx_t_7, __pyx_v_seen, Py_NE)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 124, __pyx_L23_error)
+          __pyx_t_3 = (__Pyx_PySet_ContainsTF(__pyx_t_7, __pyx_v_seen, Py_NE)); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 127, __pyx_L23_error)
           __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
           if (__pyx_t_3) {
 
@@ -20615,9 +20643,9 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
 
             goto __pyx_L27_bool_binop_done;
           }
-          __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_8genexpr2__pyx_v_p, __pyx_mstate_global->__pyx_n_u_active); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 124, __pyx_L23_error)
+          __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_8genexpr2__pyx_v_p, __pyx_mstate_global->__pyx_n_u_active); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 127, __pyx_L23_error)
           __Pyx_GOTREF(__pyx_t_7);
-          __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_7); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 124, __pyx_L23_error)
+          __pyx_t_3 = __Pyx_PyObject_IsTrue(__pyx_t_7); if (unlikely((__pyx_t_3 < 0))) __PYX_ERR(0, 127, __pyx_L23_error)
           __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
 
           __pyx_t_2 = __pyx_t_3;
@@ -20625,13 +20653,13 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
           __pyx_L27_bool_binop_done:;
           if (__pyx_t_2) {
 
-            __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_8genexpr2__pyx_v_p, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 124, __pyx_L23_error)
+            __pyx_t_7 = __Pyx_PyObject_GetAttrStr(__pyx_8genexpr2__pyx_v_p, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 127, __pyx_L23_error)
             __Pyx_GOTREF(__pyx_t_7);
-            __pyx_t_4 = __Pyx_PyDict_GetItem(__pyx_v_where, __pyx_t_7); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 124, __pyx_L23_error)
+            __pyx_t_4 = __Pyx_PyDict_GetItem(__pyx_v_where, __pyx_t_7); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 127, __pyx_L23_error)
             __Pyx_GOTREF(__pyx_t_4);
             __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
             __Pyx_GIVEREF(__pyx_t_4);
-            if (unlikely(__Pyx_ListComp_AppendAndDecref(__pyx_t_1, __pyx_t_4))) __PYX_ERR(0, 124, __pyx_L23_error)
+            if (unlikely(__Pyx_ListComp_AppendAndDecref(__pyx_t_1, __pyx_t_4))) __PYX_ERR(0, 127, __pyx_L23_error)
             __pyx_t_4 = 0;
           }
         }
@@ -20643,19 +20671,19 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
         goto __pyx_L1_error;
         __pyx_L30_exit_scope:;
       } /* exit inner scope */
-      __pyx_t_6 = PyList_AsTuple(((PyObject*)__pyx_t_1)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 124, __pyx_L1_error)
+      __pyx_t_6 = PyList_AsTuple(((PyObject*)__pyx_t_1)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 127, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       __Pyx_INCREF(__pyx_t_6);
       __Pyx_DECREF_SET(__pyx_v_rest, __pyx_t_6);
       if (unlikely(__pyx_v_self->_any == Py_None)) {
         PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-        __PYX_ERR(0, 124, __pyx_L1_error)
+        __PYX_ERR(0, 127, __pyx_L1_error)
       }
-      if (unlikely((PyObject_SetItem(__pyx_v_self->_any, __pyx_v_i, __pyx_t_6) < 0))) __PYX_ERR(0, 124, __pyx_L1_error)
+      if (unlikely((PyObject_SetItem(__pyx_v_self->_any, __pyx_v_i, __pyx_t_6) < 0))) __PYX_ERR(0, 127, __pyx_L1_error)
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
 
-      /* "proxy/routing.py":120
+      /* "proxy/routing.py":123
  *             rest = self._any[i]
  *             pods = self._pods
  *             if rest is None:             # <<<<<<<<<<<<<<
@@ -20664,26 +20692,26 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
 */
     }
 
-    /* "proxy/routing.py":125
+    /* "proxy/routing.py":128
  *                 ranked = rank(pods, route.start)
  *                 rest = self._any[i] = tuple([where[p.id] for p in ranked if p.id not in seen and p.active])
  *             return (*order, *[pods[k] for k in rest])             # <<<<<<<<<<<<<<
  *         return self._with_backups(route)
  * 
 */
-    __pyx_t_6 = PySequence_List(__pyx_v_order); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 125, __pyx_L1_error)
+    __pyx_t_6 = PySequence_List(__pyx_v_order); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 128, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_6);
     { /* enter inner scope */
-      __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 125, __pyx_L33_error)
+      __pyx_t_1 = PyList_New(0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 128, __pyx_L33_error)
       __Pyx_GOTREF(__pyx_t_1);
       if (likely(PyList_CheckExact(__pyx_v_rest)) || PyTuple_CheckExact(__pyx_v_rest)) {
         __pyx_t_4 = __pyx_v_rest; __Pyx_INCREF(__pyx_t_4);
         __pyx_t_5 = 0;
         __pyx_t_9 = NULL;
       } else {
-        __pyx_t_5 = -1; __pyx_t_4 = PyObject_GetIter(__pyx_v_rest); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 125, __pyx_L33_error)
+        __pyx_t_5 = -1; __pyx_t_4 = PyObject_GetIter(__pyx_v_rest); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 128, __pyx_L33_error)
         __Pyx_GOTREF(__pyx_t_4);
-        __pyx_t_9 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_4); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 125, __pyx_L33_error)
+        __pyx_t_9 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_4); if (unlikely(!__pyx_t_9)) __PYX_ERR(0, 128, __pyx_L33_error)
       }
       for (;;) {
         if (likely(!__pyx_t_9)) {
@@ -20691,7 +20719,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
             {
               Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_4);
               #if !CYTHON_ASSUME_SAFE_SIZE
-              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 125, __pyx_L33_error)
+              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 128, __pyx_L33_error)
               #endif
               if (__pyx_t_5 >= __pyx_temp) break;
             }
@@ -20701,7 +20729,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
             {
               Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_4);
               #if !CYTHON_ASSUME_SAFE_SIZE
-              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 125, __pyx_L33_error)
+              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 128, __pyx_L33_error)
               #endif
               if (__pyx_t_5 >= __pyx_temp) break;
             }
@@ -20712,13 +20740,13 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
             #endif
             ++__pyx_t_5;
           }
-          if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 125, __pyx_L33_error)
+          if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 128, __pyx_L33_error)
         } else {
           __pyx_t_7 = __pyx_t_9(__pyx_t_4);
           if (unlikely(!__pyx_t_7)) {
             PyObject* exc_type = PyErr_Occurred();
             if (exc_type) {
-              if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 125, __pyx_L33_error)
+              if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 128, __pyx_L33_error)
               PyErr_Clear();
             }
             break;
@@ -20729,12 +20757,12 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
         __pyx_t_7 = 0;
         if (unlikely(__pyx_v_pods == Py_None)) {
           PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-          __PYX_ERR(0, 125, __pyx_L33_error)
+          __PYX_ERR(0, 128, __pyx_L33_error)
         }
-        __pyx_t_7 = __Pyx_PyObject_GetItem(__pyx_v_pods, __pyx_8genexpr3__pyx_v_k); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 125, __pyx_L33_error)
+        __pyx_t_7 = __Pyx_PyObject_GetItem(__pyx_v_pods, __pyx_8genexpr3__pyx_v_k); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 128, __pyx_L33_error)
         __Pyx_GOTREF(__pyx_t_7);
         __Pyx_GIVEREF(__pyx_t_7);
-        if (unlikely(__Pyx_ListComp_AppendAndDecref(__pyx_t_1, __pyx_t_7))) __PYX_ERR(0, 125, __pyx_L33_error)
+        if (unlikely(__Pyx_ListComp_AppendAndDecref(__pyx_t_1, __pyx_t_7))) __PYX_ERR(0, 128, __pyx_L33_error)
         __pyx_t_7 = 0;
       }
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
@@ -20745,12 +20773,12 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
       goto __pyx_L1_error;
       __pyx_L37_exit_scope:;
     } /* exit inner scope */
-    if (__Pyx_PyList_Extend(__pyx_t_6, __pyx_t_1) < (0)) __PYX_ERR(0, 125, __pyx_L1_error)
+    if (__Pyx_PyList_Extend(__pyx_t_6, __pyx_t_1) < (0)) __PYX_ERR(0, 128, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
     {
       PyObject *__pyx_temp = PyList_AsTuple(__pyx_t_6);
       __Pyx_DECREF(__pyx_t_6);
-      __pyx_t_6 = __pyx_temp; if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 125, __pyx_L1_error)
+      __pyx_t_6 = __pyx_temp; if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 128, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_6);
     }
     {
@@ -20764,7 +20792,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
     __pyx_t_6 = 0;
     goto __pyx_L0;
 
-    /* "proxy/routing.py":116
+    /* "proxy/routing.py":119
  *         same on every proxy replica."""
  *         i = route.index
  *         if self._any and i >= 0:             # <<<<<<<<<<<<<<
@@ -20773,14 +20801,14 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
 */
   }
 
-  /* "proxy/routing.py":126
+  /* "proxy/routing.py":129
  *                 rest = self._any[i] = tuple([where[p.id] for p in ranked if p.id not in seen and p.active])
  *             return (*order, *[pods[k] for k in rest])
  *         return self._with_backups(route)             # <<<<<<<<<<<<<<
  * 
  *     def _with_backups(self, route: Route) -> tuple[Pod, ...]:
 */
-  __pyx_t_6 = __pyx_f_5proxy_7routing_12RoutingTable__with_backups(__pyx_v_self, __pyx_v_route, 0); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 126, __pyx_L1_error)
+  __pyx_t_6 = __pyx_f_5proxy_7routing_12RoutingTable__with_backups(__pyx_v_self, __pyx_v_route, 0); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 129, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
   {
     PyObject *__pyx_temp;
@@ -20793,7 +20821,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_candidates(struct __pyx_
   __pyx_t_6 = 0;
   goto __pyx_L0;
 
-  /* "proxy/routing.py":111
+  /* "proxy/routing.py":114
  *         return tag
  * 
  *     def candidates(self, route: Route) -> tuple[Pod, ...]:             # <<<<<<<<<<<<<<
@@ -20867,32 +20895,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_route,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 111, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 114, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 111, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 114, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "candidates", 0) < (0)) __PYX_ERR(0, 111, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "candidates", 0) < (0)) __PYX_ERR(0, 114, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("candidates", 1, 1, 1, i); __PYX_ERR(0, 111, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("candidates", 1, 1, 1, i); __PYX_ERR(0, 114, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 111, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 114, __pyx_L3_error)
     }
     __pyx_v_route = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("candidates", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 111, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("candidates", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 114, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -20921,7 +20949,7 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_12candidates(struct __p
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("candidates", 0);
-  __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable_candidates(__pyx_v_self, __pyx_v_route, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 111, __pyx_L1_error)
+  __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable_candidates(__pyx_v_self, __pyx_v_route, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 114, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -20945,7 +20973,7 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_12candidates(struct __p
   return __pyx_r;
 }
 
-/* "proxy/routing.py":128
+/* "proxy/routing.py":131
  *         return self._with_backups(route)
  * 
  *     def _with_backups(self, route: Route) -> tuple[Pod, ...]:             # <<<<<<<<<<<<<<
@@ -20980,19 +21008,19 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable__with_backups(struct __p
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("_with_backups", 0);
 
-  /* "proxy/routing.py":131
+  /* "proxy/routing.py":134
  *         """The owner, then its backups (``failover = "backups"`` or "any"),
  *         one tuple per distinct owner and backups: a table has few."""
  *         key = (route.pod.id, route.backups if self.failover != "none" and route.index >= 0 else ())             # <<<<<<<<<<<<<<
  *         cands = self._candidates.get(key)
  *         if cands is None:
 */
-  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_pod); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 131, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_pod); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 134, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
-  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 131, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyObject_GetAttrStr(__pyx_t_1, __pyx_mstate_global->__pyx_n_u_id); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 134, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
   __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
-  __pyx_t_4 = __Pyx_PyObject_CompareBoolNe_str_str(__pyx_v_self->failover, __pyx_mstate_global->__pyx_n_u_none, Py_NE); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 131, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_CompareBoolNe_str_str(__pyx_v_self->failover, __pyx_mstate_global->__pyx_n_u_none, Py_NE); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 134, __pyx_L1_error)
   if (__pyx_t_4) {
 
   } else {
@@ -21001,16 +21029,16 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable__with_backups(struct __p
 
     goto __pyx_L3_bool_binop_done;
   }
-  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_index_2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 131, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_index_2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 134, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  __pyx_t_4 = __Pyx_PyObject_CompareBoolGe_object_int(__pyx_t_5, __pyx_mstate_global->__pyx_int_0, Py_GE); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 131, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyObject_CompareBoolGe_object_int(__pyx_t_5, __pyx_mstate_global->__pyx_int_0, Py_GE); if (unlikely((__pyx_t_4 < 0))) __PYX_ERR(0, 134, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
   __pyx_t_3 = __pyx_t_4;
 
   __pyx_L3_bool_binop_done:;
   if (__pyx_t_3) {
-    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_backups); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 131, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_backups); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 134, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_t_1 = __pyx_t_5;
     __pyx_t_5 = 0;
@@ -21019,18 +21047,18 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable__with_backups(struct __p
     __pyx_t_1 = __pyx_mstate_global->__pyx_empty_tuple;
   }
 
-  __pyx_t_5 = PyTuple_New(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 131, __pyx_L1_error)
+  __pyx_t_5 = PyTuple_New(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 134, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __Pyx_GIVEREF(__pyx_t_2);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 131, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 0, __pyx_t_2) != (0)) __PYX_ERR(0, 134, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_t_1);
-  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 131, __pyx_L1_error);
+  if (__Pyx_PyTuple_SET_ITEM(__pyx_t_5, 1, __pyx_t_1) != (0)) __PYX_ERR(0, 134, __pyx_L1_error);
   __pyx_t_2 = 0;
   __pyx_t_1 = 0;
   __pyx_v_key = ((PyObject*)__pyx_t_5);
   __pyx_t_5 = 0;
 
-  /* "proxy/routing.py":132
+  /* "proxy/routing.py":135
  *         one tuple per distinct owner and backups: a table has few."""
  *         key = (route.pod.id, route.backups if self.failover != "none" and route.index >= 0 else ())
  *         cands = self._candidates.get(key)             # <<<<<<<<<<<<<<
@@ -21039,14 +21067,14 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable__with_backups(struct __p
 */
   if (unlikely(__pyx_v_self->_candidates == Py_None)) {
     PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "get");
-    __PYX_ERR(0, 132, __pyx_L1_error)
+    __PYX_ERR(0, 135, __pyx_L1_error)
   }
-  __pyx_t_5 = __Pyx_PyDict_GetItemDefault(__pyx_v_self->_candidates, __pyx_v_key, Py_None); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 132, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyDict_GetItemDefault(__pyx_v_self->_candidates, __pyx_v_key, Py_None); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 135, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
   __pyx_v_cands = __pyx_t_5;
   __pyx_t_5 = 0;
 
-  /* "proxy/routing.py":133
+  /* "proxy/routing.py":136
  *         key = (route.pod.id, route.backups if self.failover != "none" and route.index >= 0 else ())
  *         cands = self._candidates.get(key)
  *         if cands is None:             # <<<<<<<<<<<<<<
@@ -21057,47 +21085,47 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable__with_backups(struct __p
   if (__pyx_t_3) {
 
 
-    /* "proxy/routing.py":134
+    /* "proxy/routing.py":137
  *         cands = self._candidates.get(key)
  *         if cands is None:
  *             pods = self.assignment.pods             # <<<<<<<<<<<<<<
  *             cands = self._candidates[key] = (route.pod, *[pods[b] for b in key[1]])
  *         return cands
 */
-    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self->assignment, __pyx_mstate_global->__pyx_n_u_pods); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 134, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_v_self->assignment, __pyx_mstate_global->__pyx_n_u_pods); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 137, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_5);
     __pyx_v_pods = __pyx_t_5;
     __pyx_t_5 = 0;
 
-    /* "proxy/routing.py":135
+    /* "proxy/routing.py":138
  *         if cands is None:
  *             pods = self.assignment.pods
  *             cands = self._candidates[key] = (route.pod, *[pods[b] for b in key[1]])             # <<<<<<<<<<<<<<
  *         return cands
  * 
 */
-    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_pod); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 135, __pyx_L1_error)
+    __pyx_t_1 = __Pyx_PyObject_GetAttrStr(__pyx_v_route, __pyx_mstate_global->__pyx_n_u_pod); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 138, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_2 = PyList_New(1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 135, __pyx_L1_error)
+    __pyx_t_2 = PyList_New(1); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 138, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_2);
     __Pyx_GIVEREF(__pyx_t_1);
-    if (__Pyx_PyList_SET_ITEM(__pyx_t_2, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 135, __pyx_L1_error);
+    if (__Pyx_PyList_SET_ITEM(__pyx_t_2, 0, __pyx_t_1) != (0)) __PYX_ERR(0, 138, __pyx_L1_error);
     __pyx_t_1 = 0;
     __pyx_t_5 = __pyx_t_2;
     __pyx_t_2 = 0;
     { /* enter inner scope */
-      __pyx_t_2 = PyList_New(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 135, __pyx_L8_error)
+      __pyx_t_2 = PyList_New(0); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 138, __pyx_L8_error)
       __Pyx_GOTREF(__pyx_t_2);
-      __pyx_t_1 = __Pyx_GetItemInt_Tuple(__pyx_v_key, 1, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 135, __pyx_L8_error)
+      __pyx_t_1 = __Pyx_GetItemInt_Tuple(__pyx_v_key, 1, long, 1, __Pyx_PyLong_From_long, 0, 1, 1, __Pyx_ReferenceSharing_OwnStrongReference); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 138, __pyx_L8_error)
       __Pyx_GOTREF(__pyx_t_1);
       if (likely(PyList_CheckExact(__pyx_t_1)) || PyTuple_CheckExact(__pyx_t_1)) {
         __pyx_t_6 = __pyx_t_1; __Pyx_INCREF(__pyx_t_6);
         __pyx_t_7 = 0;
         __pyx_t_8 = NULL;
       } else {
-        __pyx_t_7 = -1; __pyx_t_6 = PyObject_GetIter(__pyx_t_1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 135, __pyx_L8_error)
+        __pyx_t_7 = -1; __pyx_t_6 = PyObject_GetIter(__pyx_t_1); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 138, __pyx_L8_error)
         __Pyx_GOTREF(__pyx_t_6);
-        __pyx_t_8 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_6); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 135, __pyx_L8_error)
+        __pyx_t_8 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_6); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 138, __pyx_L8_error)
       }
       __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
       for (;;) {
@@ -21106,7 +21134,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable__with_backups(struct __p
             {
               Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_6);
               #if !CYTHON_ASSUME_SAFE_SIZE
-              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 135, __pyx_L8_error)
+              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 138, __pyx_L8_error)
               #endif
               if (__pyx_t_7 >= __pyx_temp) break;
             }
@@ -21116,7 +21144,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable__with_backups(struct __p
             {
               Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_6);
               #if !CYTHON_ASSUME_SAFE_SIZE
-              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 135, __pyx_L8_error)
+              if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 138, __pyx_L8_error)
               #endif
               if (__pyx_t_7 >= __pyx_temp) break;
             }
@@ -21127,13 +21155,13 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable__with_backups(struct __p
             #endif
             ++__pyx_t_7;
           }
-          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 135, __pyx_L8_error)
+          if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 138, __pyx_L8_error)
         } else {
           __pyx_t_1 = __pyx_t_8(__pyx_t_6);
           if (unlikely(!__pyx_t_1)) {
             PyObject* exc_type = PyErr_Occurred();
             if (exc_type) {
-              if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 135, __pyx_L8_error)
+              if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 138, __pyx_L8_error)
               PyErr_Clear();
             }
             break;
@@ -21142,10 +21170,10 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable__with_backups(struct __p
         __Pyx_GOTREF(__pyx_t_1);
         __Pyx_XDECREF_SET(__pyx_8genexpr4__pyx_v_b, __pyx_t_1);
         __pyx_t_1 = 0;
-        __pyx_t_1 = __Pyx_PyObject_GetItem(__pyx_v_pods, __pyx_8genexpr4__pyx_v_b); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 135, __pyx_L8_error)
+        __pyx_t_1 = __Pyx_PyObject_GetItem(__pyx_v_pods, __pyx_8genexpr4__pyx_v_b); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 138, __pyx_L8_error)
         __Pyx_GOTREF(__pyx_t_1);
         __Pyx_GIVEREF(__pyx_t_1);
-        if (unlikely(__Pyx_ListComp_AppendAndDecref(__pyx_t_2, __pyx_t_1))) __PYX_ERR(0, 135, __pyx_L8_error)
+        if (unlikely(__Pyx_ListComp_AppendAndDecref(__pyx_t_2, __pyx_t_1))) __PYX_ERR(0, 138, __pyx_L8_error)
         __pyx_t_1 = 0;
       }
       __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
@@ -21156,24 +21184,24 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable__with_backups(struct __p
       goto __pyx_L1_error;
       __pyx_L12_exit_scope:;
     } /* exit inner scope */
-    if (__Pyx_PyList_Extend(__pyx_t_5, __pyx_t_2) < (0)) __PYX_ERR(0, 135, __pyx_L1_error)
+    if (__Pyx_PyList_Extend(__pyx_t_5, __pyx_t_2) < (0)) __PYX_ERR(0, 138, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
     {
       PyObject *__pyx_temp = PyList_AsTuple(__pyx_t_5);
       __Pyx_DECREF(__pyx_t_5);
-      __pyx_t_5 = __pyx_temp; if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 135, __pyx_L1_error)
+      __pyx_t_5 = __pyx_temp; if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 138, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
     }
     __Pyx_INCREF(__pyx_t_5);
     __Pyx_DECREF_SET(__pyx_v_cands, __pyx_t_5);
     if (unlikely(__pyx_v_self->_candidates == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(0, 135, __pyx_L1_error)
+      __PYX_ERR(0, 138, __pyx_L1_error)
     }
-    if (unlikely((PyDict_SetItem(__pyx_v_self->_candidates, __pyx_v_key, __pyx_t_5) < 0))) __PYX_ERR(0, 135, __pyx_L1_error)
+    if (unlikely((PyDict_SetItem(__pyx_v_self->_candidates, __pyx_v_key, __pyx_t_5) < 0))) __PYX_ERR(0, 138, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-    /* "proxy/routing.py":133
+    /* "proxy/routing.py":136
  *         key = (route.pod.id, route.backups if self.failover != "none" and route.index >= 0 else ())
  *         cands = self._candidates.get(key)
  *         if cands is None:             # <<<<<<<<<<<<<<
@@ -21182,7 +21210,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable__with_backups(struct __p
 */
   }
 
-  /* "proxy/routing.py":136
+  /* "proxy/routing.py":139
  *             pods = self.assignment.pods
  *             cands = self._candidates[key] = (route.pod, *[pods[b] for b in key[1]])
  *         return cands             # <<<<<<<<<<<<<<
@@ -21191,7 +21219,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable__with_backups(struct __p
 */
   __pyx_t_5 = __pyx_v_cands;
   __Pyx_INCREF(__pyx_t_5);
-  if (!(likely(PyTuple_CheckExact(__pyx_t_5))||((__pyx_t_5) == Py_None) || __Pyx_RaiseUnexpectedTypeError("tuple", __pyx_t_5))) __PYX_ERR(0, 136, __pyx_L1_error)
+  if (!(likely(PyTuple_CheckExact(__pyx_t_5))||((__pyx_t_5) == Py_None) || __Pyx_RaiseUnexpectedTypeError("tuple", __pyx_t_5))) __PYX_ERR(0, 139, __pyx_L1_error)
   {
     PyObject *__pyx_temp;
     {
@@ -21203,7 +21231,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable__with_backups(struct __p
   __pyx_t_5 = 0;
   goto __pyx_L0;
 
-  /* "proxy/routing.py":128
+  /* "proxy/routing.py":131
  *         return self._with_backups(route)
  * 
  *     def _with_backups(self, route: Route) -> tuple[Pod, ...]:             # <<<<<<<<<<<<<<
@@ -21269,32 +21297,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_route,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 128, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 131, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 128, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 131, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_with_backups", 0) < (0)) __PYX_ERR(0, 128, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "_with_backups", 0) < (0)) __PYX_ERR(0, 131, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_with_backups", 1, 1, 1, i); __PYX_ERR(0, 128, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("_with_backups", 1, 1, 1, i); __PYX_ERR(0, 131, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 128, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 131, __pyx_L3_error)
     }
     __pyx_v_route = values[0];
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("_with_backups", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 128, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("_with_backups", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 131, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -21323,7 +21351,7 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_14_with_backups(struct 
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("_with_backups", 0);
-  __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable__with_backups(__pyx_v_self, __pyx_v_route, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 128, __pyx_L1_error)
+  __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable__with_backups(__pyx_v_self, __pyx_v_route, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 131, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -21347,7 +21375,7 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_14_with_backups(struct 
   return __pyx_r;
 }
 
-/* "proxy/routing.py":138
+/* "proxy/routing.py":141
  *         return cands
  * 
  *     def fixed_route(self, pod_id: str) -> Route | None:             # <<<<<<<<<<<<<<
@@ -21378,7 +21406,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_fixed_route(struct __pyx
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("fixed_route", 0);
 
-  /* "proxy/routing.py":140
+  /* "proxy/routing.py":143
  *     def fixed_route(self, pod_id: str) -> Route | None:
  *         """A route to a named pod (``missing_key = "pod:<id>"``)."""
  *         route = self._fixed.get(pod_id)             # <<<<<<<<<<<<<<
@@ -21387,14 +21415,14 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_fixed_route(struct __pyx
 */
   if (unlikely(__pyx_v_self->_fixed == Py_None)) {
     PyErr_Format(PyExc_AttributeError, "\047NoneType\047 object has no attribute \047%.30s\047", "get");
-    __PYX_ERR(0, 140, __pyx_L1_error)
+    __PYX_ERR(0, 143, __pyx_L1_error)
   }
-  __pyx_t_1 = __Pyx_PyDict_GetItemDefault(__pyx_v_self->_fixed, __pyx_v_pod_id, Py_None); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 140, __pyx_L1_error)
+  __pyx_t_1 = __Pyx_PyDict_GetItemDefault(__pyx_v_self->_fixed, __pyx_v_pod_id, Py_None); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 143, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   __pyx_v_route = __pyx_t_1;
   __pyx_t_1 = 0;
 
-  /* "proxy/routing.py":141
+  /* "proxy/routing.py":144
  *         """A route to a named pod (``missing_key = "pod:<id>"``)."""
  *         route = self._fixed.get(pod_id)
  *         if route is None:             # <<<<<<<<<<<<<<
@@ -21405,14 +21433,14 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_fixed_route(struct __pyx
   if (__pyx_t_2) {
 
 
-    /* "proxy/routing.py":142
+    /* "proxy/routing.py":145
  *         route = self._fixed.get(pod_id)
  *         if route is None:
  *             pod = self.assignment.pods.get(pod_id)             # <<<<<<<<<<<<<<
  *             if pod is None:
  *                 return None
 */
-    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self->assignment, __pyx_mstate_global->__pyx_n_u_pods); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 142, __pyx_L1_error)
+    __pyx_t_4 = __Pyx_PyObject_GetAttrStr(__pyx_v_self->assignment, __pyx_mstate_global->__pyx_n_u_pods); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 145, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_4);
     __pyx_t_3 = __pyx_t_4;
     __Pyx_INCREF(__pyx_t_3);
@@ -21422,13 +21450,13 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_fixed_route(struct __pyx
       __pyx_t_1 = __Pyx_PyObject_FastCallMethod((PyObject*)__pyx_mstate_global->__pyx_n_u_get, __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (1*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 142, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 145, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __pyx_v_pod = __pyx_t_1;
     __pyx_t_1 = 0;
 
-    /* "proxy/routing.py":143
+    /* "proxy/routing.py":146
  *         if route is None:
  *             pod = self.assignment.pods.get(pod_id)
  *             if pod is None:             # <<<<<<<<<<<<<<
@@ -21439,7 +21467,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_fixed_route(struct __pyx
     if (__pyx_t_2) {
 
 
-      /* "proxy/routing.py":144
+      /* "proxy/routing.py":147
  *             pod = self.assignment.pods.get(pod_id)
  *             if pod is None:
  *                 return None             # <<<<<<<<<<<<<<
@@ -21456,7 +21484,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_fixed_route(struct __pyx
       }
       goto __pyx_L0;
 
-      /* "proxy/routing.py":143
+      /* "proxy/routing.py":146
  *         if route is None:
  *             pod = self.assignment.pods.get(pod_id)
  *             if pod is None:             # <<<<<<<<<<<<<<
@@ -21465,7 +21493,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_fixed_route(struct __pyx
 */
     }
 
-    /* "proxy/routing.py":145
+    /* "proxy/routing.py":148
  *             if pod is None:
  *                 return None
  *             g = self.generation             # <<<<<<<<<<<<<<
@@ -21477,14 +21505,14 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_fixed_route(struct __pyx
     __pyx_v_g = __pyx_t_1;
     __pyx_t_1 = 0;
 
-    /* "proxy/routing.py":146
+    /* "proxy/routing.py":149
  *                 return None
  *             g = self.generation
  *             route = self._fixed[pod_id] = Route(-1, 0, 0, pod, g, (), g)             # <<<<<<<<<<<<<<
  *         return route
 */
     __pyx_t_4 = NULL;
-    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_Route); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 146, __pyx_L1_error)
+    __Pyx_GetModuleGlobalName(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_Route); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 149, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
     __pyx_t_5 = 1;
     #if CYTHON_UNPACK_METHODS
@@ -21503,19 +21531,19 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_fixed_route(struct __pyx
       __pyx_t_1 = __Pyx_PyObject_FastCall((PyObject*)__pyx_t_3, __pyx_callargs+__pyx_t_5, (8-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 146, __pyx_L1_error)
+      if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 149, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_1);
     }
     __Pyx_INCREF(__pyx_t_1);
     __Pyx_DECREF_SET(__pyx_v_route, __pyx_t_1);
     if (unlikely(__pyx_v_self->_fixed == Py_None)) {
       PyErr_SetString(PyExc_TypeError, "\047NoneType\047 object is not subscriptable");
-      __PYX_ERR(0, 146, __pyx_L1_error)
+      __PYX_ERR(0, 149, __pyx_L1_error)
     }
-    if (unlikely((PyDict_SetItem(__pyx_v_self->_fixed, __pyx_v_pod_id, __pyx_t_1) < 0))) __PYX_ERR(0, 146, __pyx_L1_error)
+    if (unlikely((PyDict_SetItem(__pyx_v_self->_fixed, __pyx_v_pod_id, __pyx_t_1) < 0))) __PYX_ERR(0, 149, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_1); __pyx_t_1 = 0;
 
-    /* "proxy/routing.py":141
+    /* "proxy/routing.py":144
  *         """A route to a named pod (``missing_key = "pod:<id>"``)."""
  *         route = self._fixed.get(pod_id)
  *         if route is None:             # <<<<<<<<<<<<<<
@@ -21524,7 +21552,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_fixed_route(struct __pyx
 */
   }
 
-  /* "proxy/routing.py":147
+  /* "proxy/routing.py":150
  *             g = self.generation
  *             route = self._fixed[pod_id] = Route(-1, 0, 0, pod, g, (), g)
  *         return route             # <<<<<<<<<<<<<<
@@ -21540,7 +21568,7 @@ static PyObject *__pyx_f_5proxy_7routing_12RoutingTable_fixed_route(struct __pyx
   }
   goto __pyx_L0;
 
-  /* "proxy/routing.py":138
+  /* "proxy/routing.py":141
  *         return cands
  * 
  *     def fixed_route(self, pod_id: str) -> Route | None:             # <<<<<<<<<<<<<<
@@ -21604,32 +21632,32 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_pod_id,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 138, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 141, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 138, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 141, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "fixed_route", 0) < (0)) __PYX_ERR(0, 138, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "fixed_route", 0) < (0)) __PYX_ERR(0, 141, __pyx_L3_error)
       for (Py_ssize_t i = __pyx_nargs; i < 1; i++) {
-        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("fixed_route", 1, 1, 1, i); __PYX_ERR(0, 138, __pyx_L3_error) }
+        if (unlikely(!values[i])) { __Pyx_RaiseArgtupleInvalid("fixed_route", 1, 1, 1, i); __PYX_ERR(0, 141, __pyx_L3_error) }
       }
     } else if (unlikely(__pyx_nargs != 1)) {
       goto __pyx_L5_argtuple_error;
     } else {
       values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 138, __pyx_L3_error)
+      if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 141, __pyx_L3_error)
     }
     __pyx_v_pod_id = ((PyObject*)values[0]);
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("fixed_route", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 138, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("fixed_route", 1, 1, 1, __pyx_nargs); __PYX_ERR(0, 141, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -21640,7 +21668,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   __Pyx_RefNannyFinishContext();
   return NULL;
   __pyx_L4_argument_unpacking_done:;
-  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_pod_id), (&PyUnicode_Type), 1, "pod_id", 1))) __PYX_ERR(0, 138, __pyx_L1_error)
+  if (unlikely(!__Pyx_ArgTypeTest(((PyObject *)__pyx_v_pod_id), (&PyUnicode_Type), 1, "pod_id", 1))) __PYX_ERR(0, 141, __pyx_L1_error)
   __pyx_r = __pyx_pf_5proxy_7routing_12RoutingTable_16fixed_route(((struct __pyx_obj_5proxy_7routing_RoutingTable *)__pyx_v_self), __pyx_v_pod_id);
 
   /* function exit code */
@@ -21668,7 +21696,7 @@ static PyObject *__pyx_pf_5proxy_7routing_12RoutingTable_16fixed_route(struct __
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("fixed_route", 0);
-  __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable_fixed_route(__pyx_v_self, __pyx_v_pod_id, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 138, __pyx_L1_error)
+  __pyx_t_1 = __pyx_f_5proxy_7routing_12RoutingTable_fixed_route(__pyx_v_self, __pyx_v_pod_id, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 141, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_1);
   {
     PyObject *__pyx_temp;
@@ -24744,14 +24772,14 @@ static int __Pyx_modinit_Exttype___pyx_obj_5proxy_7routing_RoutingTable(__pyx_ms
   __pyx_vtable_5proxy_7routing_RoutingTable._with_backups = (PyObject *(*)(struct __pyx_obj_5proxy_7routing_RoutingTable *, PyObject *, int __pyx_skip_dispatch))__pyx_f_5proxy_7routing_12RoutingTable__with_backups;
   __pyx_vtable_5proxy_7routing_RoutingTable.fixed_route = (PyObject *(*)(struct __pyx_obj_5proxy_7routing_RoutingTable *, PyObject *, int __pyx_skip_dispatch))__pyx_f_5proxy_7routing_12RoutingTable_fixed_route;
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_5proxy_7routing_RoutingTable_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable)) __PYX_ERR(0, 12, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_5proxy_7routing_RoutingTable_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable)) __PYX_ERR(0, 15, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable = &__pyx_type_5proxy_7routing_RoutingTable;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable) < (0)) __PYX_ERR(0, 12, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable) < (0)) __PYX_ERR(0, 15, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable);
@@ -24761,9 +24789,9 @@ static int __Pyx_modinit_Exttype___pyx_obj_5proxy_7routing_RoutingTable(__pyx_ms
     __pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable->tp_getattro = PyObject_GenericGetAttr;
   }
   #endif
-  if (__Pyx_SetVtable(__pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_vtabptr_5proxy_7routing_RoutingTable) < (0)) __PYX_ERR(0, 12, __pyx_L1_error)
-  if (PyObject_SetAttr(__pyx_m, __pyx_mstate_global->__pyx_n_u_RoutingTable, (PyObject *) __pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable) < (0)) __PYX_ERR(0, 12, __pyx_L1_error)
-  if (__Pyx_setup_reduce((PyObject *) __pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable) < (0)) __PYX_ERR(0, 12, __pyx_L1_error)
+  if (__Pyx_SetVtable(__pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_vtabptr_5proxy_7routing_RoutingTable) < (0)) __PYX_ERR(0, 15, __pyx_L1_error)
+  if (PyObject_SetAttr(__pyx_m, __pyx_mstate_global->__pyx_n_u_RoutingTable, (PyObject *) __pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable) < (0)) __PYX_ERR(0, 15, __pyx_L1_error)
+  if (__Pyx_setup_reduce((PyObject *) __pyx_mstate->__pyx_ptype_5proxy_7routing_RoutingTable) < (0)) __PYX_ERR(0, 15, __pyx_L1_error)
   __Pyx_RefNannyFinishContext();
   return 0;
   __pyx_L1_error:;
@@ -25770,238 +25798,266 @@ __Pyx_RefNannySetupContext("PyInit_routing", 0);
   /* "proxy/routing.py":7
  * from __future__ import annotations
  * 
- * from .assignment import KEY_SPACE, Assignment, Pod, Route, position, rank             # <<<<<<<<<<<<<<
+ * import mmh3             # <<<<<<<<<<<<<<
+ * 
+ * from .assignment import KEY_SPACE, Assignment, Pod, Route, rank
+*/
+  __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_mmh3, 0, 0, NULL, 0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 7, __pyx_L1_error)
+  __pyx_t_4 = __pyx_t_1;
+  __Pyx_GOTREF(__pyx_t_4);
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_mmh3, __pyx_t_4) < (0)) __PYX_ERR(0, 7, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+
+  /* "proxy/routing.py":9
+ * import mmh3
+ * 
+ * from .assignment import KEY_SPACE, Assignment, Pod, Route, rank             # <<<<<<<<<<<<<<
  * 
  * _new_tuple = tuple.__new__
 */
   {
-    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_KEY_SPACE,__pyx_mstate_global->__pyx_n_u_Assignment,__pyx_mstate_global->__pyx_n_u_Pod,__pyx_mstate_global->__pyx_n_u_Route,__pyx_mstate_global->__pyx_n_u_position,__pyx_mstate_global->__pyx_n_u_rank};
-    __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_assignment, __pyx_imported_names, 6, __pyx_mstate_global->__pyx_kp_u_proxy_assignment, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 7, __pyx_L1_error)
+    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_KEY_SPACE,__pyx_mstate_global->__pyx_n_u_Assignment,__pyx_mstate_global->__pyx_n_u_Pod,__pyx_mstate_global->__pyx_n_u_Route,__pyx_mstate_global->__pyx_n_u_rank};
+    __pyx_t_1 = __Pyx_Import(__pyx_mstate_global->__pyx_n_u_assignment, __pyx_imported_names, 5, __pyx_mstate_global->__pyx_kp_u_proxy_assignment, 1); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 9, __pyx_L1_error)
   }
   __pyx_t_4 = __pyx_t_1;
   __Pyx_GOTREF(__pyx_t_4);
   {
-    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_KEY_SPACE,__pyx_mstate_global->__pyx_n_u_Assignment,__pyx_mstate_global->__pyx_n_u_Pod,__pyx_mstate_global->__pyx_n_u_Route,__pyx_mstate_global->__pyx_n_u_position,__pyx_mstate_global->__pyx_n_u_rank};
-    for (__pyx_t_9=0; __pyx_t_9 < 6; __pyx_t_9++) {
-      __pyx_t_5 = __Pyx_ImportFrom(__pyx_t_4, __pyx_imported_names[__pyx_t_9]); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 7, __pyx_L1_error)
+    PyObject* const __pyx_imported_names[] = {__pyx_mstate_global->__pyx_n_u_KEY_SPACE,__pyx_mstate_global->__pyx_n_u_Assignment,__pyx_mstate_global->__pyx_n_u_Pod,__pyx_mstate_global->__pyx_n_u_Route,__pyx_mstate_global->__pyx_n_u_rank};
+    for (__pyx_t_9=0; __pyx_t_9 < 5; __pyx_t_9++) {
+      __pyx_t_5 = __Pyx_ImportFrom(__pyx_t_4, __pyx_imported_names[__pyx_t_9]); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 9, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_5);
-      if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_imported_names[__pyx_t_9], __pyx_t_5) < (0)) __PYX_ERR(0, 7, __pyx_L1_error)
+      if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_imported_names[__pyx_t_9], __pyx_t_5) < (0)) __PYX_ERR(0, 9, __pyx_L1_error)
       __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
     }
   }
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "proxy/routing.py":9
- * from .assignment import KEY_SPACE, Assignment, Pod, Route, position, rank
+  /* "proxy/routing.py":11
+ * from .assignment import KEY_SPACE, Assignment, Pod, Route, rank
  * 
  * _new_tuple = tuple.__new__             # <<<<<<<<<<<<<<
+ * _hash64 = mmh3.hash64
+ * 
+*/
+  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(((PyObject *)(&PyTuple_Type)), __pyx_mstate_global->__pyx_n_u_new); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 11, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_new_tuple, __pyx_t_4) < (0)) __PYX_ERR(0, 11, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+
+  /* "proxy/routing.py":12
+ * 
+ * _new_tuple = tuple.__new__
+ * _hash64 = mmh3.hash64             # <<<<<<<<<<<<<<
  * 
  * 
 */
-  __pyx_t_4 = __Pyx_PyObject_GetAttrStr(((PyObject *)(&PyTuple_Type)), __pyx_mstate_global->__pyx_n_u_new); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 9, __pyx_L1_error)
+  __Pyx_GetModuleGlobalName(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_mmh3); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 12, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_new_tuple, __pyx_t_4) < (0)) __PYX_ERR(0, 9, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyObject_GetAttrStr(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_hash64_2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 12, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_hash64, __pyx_t_5) < (0)) __PYX_ERR(0, 12, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "proxy/routing.py":19
+  /* "proxy/routing.py":22
  * 
  *     __slots__ = (
  *         "assignment",             # <<<<<<<<<<<<<<
  *         "generation",
  *         "failover",
 */
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_slots, __pyx_mstate_global->__pyx_tuple[2]) < (0)) __PYX_ERR(0, 18, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_slots, __pyx_mstate_global->__pyx_tuple[3]) < (0)) __PYX_ERR(0, 21, __pyx_L1_error)
 
-  /* "proxy/routing.py":62
+  /* "proxy/routing.py":65
  *         self._count = assignment.slice_count
  * 
  *     def lookup(self, key: bytes) -> Route:             # <<<<<<<<<<<<<<
  *         """The route for a routing key: ``assignment.lookup(key)``."""
- *         return self.route_at(position(key))
+ *         return self.route_at(_hash64(key, 0, signed=False)[0])  # position(key), inlined
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 62, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_key, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 62, __pyx_L1_error)
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_3lookup, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable_lookup, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 62, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 65, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
-  #endif
-  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_5, __pyx_t_4);
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_lookup, __pyx_t_5) < (0)) __PYX_ERR(0, 62, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-
-  /* "proxy/routing.py":66
- *         return self.route_at(position(key))
- * 
- *     def route_at(self, pos: int) -> Route:             # <<<<<<<<<<<<<<
- *         """The route for a position: ``assignment.lookup_position(pos)``."""
- *         starts = self._starts
-*/
-  __pyx_t_5 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 66, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_pos, __pyx_mstate_global->__pyx_n_u_int) < (0)) __PYX_ERR(0, 66, __pyx_L1_error)
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_5route_at, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable_route_at, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 66, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_key, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 65, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_3lookup, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable_lookup, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 65, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_4, __pyx_t_5);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_route_at, __pyx_t_4) < (0)) __PYX_ERR(0, 66, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_lookup, __pyx_t_4) < (0)) __PYX_ERR(0, 65, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "proxy/routing.py":83
+  /* "proxy/routing.py":69
+ *         return self.route_at(_hash64(key, 0, signed=False)[0])  # position(key), inlined
+ * 
+ *     def route_at(self, pos: int) -> Route:             # <<<<<<<<<<<<<<
+ *         """The route for a position: ``assignment.lookup_position(pos)``."""
+ *         starts = self._starts
+*/
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 69, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_pos, __pyx_mstate_global->__pyx_n_u_int) < (0)) __PYX_ERR(0, 69, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_5route_at, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable_route_at, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 69, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
+  #endif
+  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_5, __pyx_t_4);
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_route_at, __pyx_t_5) < (0)) __PYX_ERR(0, 69, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+
+  /* "proxy/routing.py":86
  *         return _new_tuple(Route, (i, starts[i], end, pod, self._epoch[i], backups, self.generation))
  * 
  *     def request_tag(self, route: Route, pod: Pod) -> bytes:             # <<<<<<<<<<<<<<
  *         """X-Keyroute-* request headers for ``pod`` serving ``route``."""
  *         i = route.index
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 83, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_route, __pyx_mstate_global->__pyx_n_u_Route) < (0)) __PYX_ERR(0, 83, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_pod, __pyx_mstate_global->__pyx_n_u_Pod) < (0)) __PYX_ERR(0, 83, __pyx_L1_error)
-  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_7request_tag, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable_request_tag, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 83, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyDict_NewPresized(2); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 86, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
-  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
-  #endif
-  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_5, __pyx_t_4);
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_request_tag, __pyx_t_5) < (0)) __PYX_ERR(0, 83, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-
-  /* "proxy/routing.py":93
- *         return self._tag(route, pod, b"owner" if pod is route.pod else b"backup")
- * 
- *     @staticmethod             # <<<<<<<<<<<<<<
- *     def _tag(route: Route, pod: Pod, role: bytes) -> bytes:
- *         return b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\nX-Keyroute-Epoch: %d\r\nX-Keyroute-Role: %s\r\n" % (
-*/
-  __pyx_t_5 = __Pyx_PyDict_NewPresized(4); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 93, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_5);
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_route, __pyx_mstate_global->__pyx_n_u_Route) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_pod, __pyx_mstate_global->__pyx_n_u_Pod) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_role, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
-  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_9_tag, __Pyx_CYFUNCTION_STATICMETHOD | __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable__tag, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_route, __pyx_mstate_global->__pyx_n_u_Route) < (0)) __PYX_ERR(0, 86, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_pod, __pyx_mstate_global->__pyx_n_u_Pod) < (0)) __PYX_ERR(0, 86, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_7request_tag, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable_request_tag, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[2])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 86, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
   #endif
   __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_4, __pyx_t_5);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_tag, __pyx_t_4) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_request_tag, __pyx_t_4) < (0)) __PYX_ERR(0, 86, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_5 = NULL;
-  __Pyx_GetNameInClass(__pyx_t_10, (PyObject*)__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_tag); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 93, __pyx_L1_error)
+
+  /* "proxy/routing.py":96
+ *         return self._tag(route, pod, b"owner" if pod is route.pod else b"backup")
+ * 
+ *     @staticmethod             # <<<<<<<<<<<<<<
+ *     def _tag(route: Route, pod: Pod, role: bytes) -> bytes:
+ *         return b"X-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\nX-Keyroute-Epoch: %d\r\nX-Keyroute-Role: %s\r\n" % (
+*/
+  __pyx_t_4 = __Pyx_PyDict_NewPresized(4); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 96, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_4);
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_route, __pyx_mstate_global->__pyx_n_u_Route) < (0)) __PYX_ERR(0, 96, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_pod, __pyx_mstate_global->__pyx_n_u_Pod) < (0)) __PYX_ERR(0, 96, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_role, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 96, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_return, __pyx_mstate_global->__pyx_n_u_bytes) < (0)) __PYX_ERR(0, 96, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_9_tag, __Pyx_CYFUNCTION_STATICMETHOD | __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable__tag, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[3])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 96, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
+  #endif
+  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_5, __pyx_t_4);
+  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_tag, __pyx_t_5) < (0)) __PYX_ERR(0, 96, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  __pyx_t_4 = NULL;
+  __Pyx_GetNameInClass(__pyx_t_10, (PyObject*)__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_tag); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 96, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   __pyx_t_6 = 1;
   {
-    PyObject *__pyx_callargs[2] = {__pyx_t_5, __pyx_t_10};
-    __pyx_t_4 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_staticmethod, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-    __Pyx_XDECREF(__pyx_t_5); __pyx_t_5 = 0;
+    PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_t_10};
+    __pyx_t_5 = __Pyx_PyObject_FastCall((PyObject*)__pyx_builtin_staticmethod, __pyx_callargs+__pyx_t_6, (2-__pyx_t_6) | (__pyx_t_6*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
+    __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
     __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-    if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 93, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_4);
+    if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 96, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_5);
   }
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_tag, __pyx_t_4) < (0)) __PYX_ERR(0, 93, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_tag, __pyx_t_5) < (0)) __PYX_ERR(0, 96, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "proxy/routing.py":102
+  /* "proxy/routing.py":105
  *         )
  * 
  *     def response_tag(self, pod: Pod) -> bytes:             # <<<<<<<<<<<<<<
  *         tag = self._resp_tags.get(pod.id)
  *         if tag is None:
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 102, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_pod, __pyx_mstate_global->__pyx_n_u_Pod) < (0)) __PYX_ERR(0, 102, __pyx_L1_error)
-  __pyx_t_10 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_11response_tag, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable_response_tag, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 102, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 105, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_pod, __pyx_mstate_global->__pyx_n_u_Pod) < (0)) __PYX_ERR(0, 105, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_11response_tag, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable_response_tag, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[4])); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 105, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_10);
   #endif
-  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_10, __pyx_t_4);
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_response_tag, __pyx_t_10) < (0)) __PYX_ERR(0, 102, __pyx_L1_error)
+  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_10, __pyx_t_5);
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_response_tag, __pyx_t_10) < (0)) __PYX_ERR(0, 105, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
 
-  /* "proxy/routing.py":111
+  /* "proxy/routing.py":114
  *         return tag
  * 
  *     def candidates(self, route: Route) -> tuple[Pod, ...]:             # <<<<<<<<<<<<<<
  *         """Pods for a slice in failover order: the owner, its backups, then
  *         (``failover = "any"``) the other active pods in rendezvous order. The
 */
-  __pyx_t_10 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 111, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 114, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
-  if (PyDict_SetItem(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_route, __pyx_mstate_global->__pyx_n_u_Route) < (0)) __PYX_ERR(0, 111, __pyx_L1_error)
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_13candidates, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable_candidates, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 111, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
+  if (PyDict_SetItem(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_route, __pyx_mstate_global->__pyx_n_u_Route) < (0)) __PYX_ERR(0, 114, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_13candidates, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable_candidates, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[5])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 114, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_4, __pyx_t_10);
+  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_5, __pyx_t_10);
   __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_candidates_2, __pyx_t_4) < (0)) __PYX_ERR(0, 111, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_candidates_2, __pyx_t_5) < (0)) __PYX_ERR(0, 114, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
-  /* "proxy/routing.py":128
+  /* "proxy/routing.py":131
  *         return self._with_backups(route)
  * 
  *     def _with_backups(self, route: Route) -> tuple[Pod, ...]:             # <<<<<<<<<<<<<<
  *         """The owner, then its backups (``failover = "backups"`` or "any"),
  *         one tuple per distinct owner and backups: a table has few."""
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 128, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_4, __pyx_mstate_global->__pyx_n_u_route, __pyx_mstate_global->__pyx_n_u_Route) < (0)) __PYX_ERR(0, 128, __pyx_L1_error)
-  __pyx_t_10 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_15_with_backups, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable__with_backups, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 128, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 131, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  if (PyDict_SetItem(__pyx_t_5, __pyx_mstate_global->__pyx_n_u_route, __pyx_mstate_global->__pyx_n_u_Route) < (0)) __PYX_ERR(0, 131, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_15_with_backups, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable__with_backups, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[6])); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 131, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_10);
   #endif
-  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_10, __pyx_t_4);
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_with_backups, __pyx_t_10) < (0)) __PYX_ERR(0, 128, __pyx_L1_error)
+  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_10, __pyx_t_5);
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_with_backups, __pyx_t_10) < (0)) __PYX_ERR(0, 131, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
 
-  /* "proxy/routing.py":138
+  /* "proxy/routing.py":141
  *         return cands
  * 
  *     def fixed_route(self, pod_id: str) -> Route | None:             # <<<<<<<<<<<<<<
  *         """A route to a named pod (``missing_key = "pod:<id>"``)."""
  *         route = self._fixed.get(pod_id)
 */
-  __pyx_t_10 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 138, __pyx_L1_error)
+  __pyx_t_10 = __Pyx_PyDict_NewPresized(1); if (unlikely(!__pyx_t_10)) __PYX_ERR(0, 141, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_10);
-  if (PyDict_SetItem(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_pod_id, __pyx_mstate_global->__pyx_n_u_str) < (0)) __PYX_ERR(0, 138, __pyx_L1_error)
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_17fixed_route, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable_fixed_route, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 138, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
+  if (PyDict_SetItem(__pyx_t_10, __pyx_mstate_global->__pyx_n_u_pod_id, __pyx_mstate_global->__pyx_n_u_str) < (0)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_17fixed_route, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable_fixed_route, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[7])); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_4, __pyx_t_10);
+  __Pyx_CyFunction_SetAnnotationsDict(__pyx_t_5, __pyx_t_10);
   __Pyx_DECREF(__pyx_t_10); __pyx_t_10 = 0;
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_fixed_route, __pyx_t_4) < (0)) __PYX_ERR(0, 138, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_fixed_route, __pyx_t_5) < (0)) __PYX_ERR(0, 141, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
   /* "(tree fragment)":1
  * def __reduce_cython__(self):             # <<<<<<<<<<<<<<
  *     cdef tuple state
  *     cdef object _dict
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_19__reduce_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable___reduce_cython, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[8])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 1, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_19__reduce_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable___reduce_cython, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[8])); if (unlikely(!__pyx_t_5)) __PYX_ERR(1, 1, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_reduce_cython, __pyx_t_4) < (0)) __PYX_ERR(1, 1, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_reduce_cython, __pyx_t_5) < (0)) __PYX_ERR(1, 1, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
   /* "(tree fragment)":17
  *     else:
@@ -26009,13 +26065,13 @@ __Pyx_RefNannySetupContext("PyInit_routing", 0);
  * def __setstate_cython__(self, __pyx_state):             # <<<<<<<<<<<<<<
  *     __pyx_unpickle_RoutingTable__set_state(self, __pyx_state)
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_21__setstate_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable___setstate_cython, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[9])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 17, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_12RoutingTable_21__setstate_cython__, __Pyx_CYFUNCTION_CCLASS, __pyx_mstate_global->__pyx_n_u_RoutingTable___setstate_cython, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[9])); if (unlikely(!__pyx_t_5)) __PYX_ERR(1, 17, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_setstate_cython, __pyx_t_4) < (0)) __PYX_ERR(1, 17, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  if (__Pyx_SetItemOnTypeDict(__pyx_mstate_global->__pyx_ptype_5proxy_7routing_RoutingTable, __pyx_mstate_global->__pyx_n_u_setstate_cython, __pyx_t_5) < (0)) __PYX_ERR(1, 17, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
   /* "(tree fragment)":4
  *     int __Pyx_CheckUnpickleChecksum(long, long, long, long, const char*) except -1
@@ -26024,23 +26080,23 @@ __Pyx_RefNannySetupContext("PyInit_routing", 0);
  *     cdef object __pyx_result
  *     __Pyx_CheckUnpickleChecksum(__pyx_checksum, 0x58b7c83, 0xf6f542a, 0xe5dddc2, b'_any, _backup, _candidates, _combos, _count, _epoch, _fixed, _index, _owner, _pods, _req_tags, _resp_tags, _shift, _starts, assignment, failover, generation')
 */
-  __pyx_t_4 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_1__pyx_unpickle_RoutingTable, 0, __pyx_mstate_global->__pyx_n_u_pyx_unpickle_RoutingTable, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[10])); if (unlikely(!__pyx_t_4)) __PYX_ERR(1, 4, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
+  __pyx_t_5 = __Pyx_CyFunction_New(&__pyx_mdef_5proxy_7routing_1__pyx_unpickle_RoutingTable, 0, __pyx_mstate_global->__pyx_n_u_pyx_unpickle_RoutingTable, NULL, __pyx_mstate_global->__pyx_n_u_proxy_routing, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[10])); if (unlikely(!__pyx_t_5)) __PYX_ERR(1, 4, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
-  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_4);
+  PyUnstable_Object_EnableDeferredRefcount(__pyx_t_5);
   #endif
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_pyx_unpickle_RoutingTable, __pyx_t_4) < (0)) __PYX_ERR(1, 4, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_pyx_unpickle_RoutingTable, __pyx_t_5) < (0)) __PYX_ERR(1, 4, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
   /* "proxy/routing.py":1
  * """Routing state built on the table in force: what the wire and failover             # <<<<<<<<<<<<<<
  * need per slice and per pod, computed once per table and shared by every
  * request routed on it."""
 */
-  __pyx_t_4 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 1, __pyx_L1_error)
-  __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_test, __pyx_t_4) < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
-  __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
+  __pyx_t_5 = __Pyx_PyDict_NewPresized(0); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 1, __pyx_L1_error)
+  __Pyx_GOTREF(__pyx_t_5);
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_test, __pyx_t_5) < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
+  __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
 
   /*--- Wrapped vars code ---*/
 
@@ -26083,8 +26139,8 @@ static int __Pyx_InitCachedBuiltins(__pyx_mstatetype *__pyx_mstate) {
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
-  __pyx_builtin_staticmethod = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_staticmethod); if (!__pyx_builtin_staticmethod) __PYX_ERR(0, 93, __pyx_L1_error)
-  __pyx_builtin_enumerate = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_enumerate); if (!__pyx_builtin_enumerate) __PYX_ERR(0, 122, __pyx_L1_error)
+  __pyx_builtin_staticmethod = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_staticmethod); if (!__pyx_builtin_staticmethod) __PYX_ERR(0, 96, __pyx_L1_error)
+  __pyx_builtin_enumerate = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_enumerate); if (!__pyx_builtin_enumerate) __PYX_ERR(0, 125, __pyx_L1_error)
   __pyx_builtin___import__ = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_import); if (!__pyx_builtin___import__) __PYX_ERR(1, 119, __pyx_L1_error)
   __pyx_builtin_Ellipsis = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_Ellipsis); if (!__pyx_builtin_Ellipsis) __PYX_ERR(1, 436, __pyx_L1_error)
   __pyx_builtin_id = __Pyx_GetBuiltinName(__pyx_mstate->__pyx_n_u_id); if (!__pyx_builtin_id) __PYX_ERR(1, 662, __pyx_L1_error)
@@ -26151,7 +26207,21 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
   if (__Pyx_PyTuple_SET_ITEM(__pyx_mstate_global->__pyx_tuple[1], 0, __pyx_mstate_global->__pyx_slice[0]) != (0)) __PYX_ERR(1, 763, __pyx_L1_error);
   __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[1]);
 
-  /* "proxy/routing.py":19
+  /* "proxy/routing.py":67
+ *     def lookup(self, key: bytes) -> Route:
+ *         """The route for a routing key: ``assignment.lookup(key)``."""
+ *         return self.route_at(_hash64(key, 0, signed=False)[0])  # position(key), inlined             # <<<<<<<<<<<<<<
+ * 
+ *     def route_at(self, pos: int) -> Route:
+*/
+  {
+    PyObject* __pyx_temp[1] = {__pyx_mstate_global->__pyx_n_u_signed};
+    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 1); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 67, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[2]);
+  }
+  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[2]);
+
+  /* "proxy/routing.py":22
  * 
  *     __slots__ = (
  *         "assignment",             # <<<<<<<<<<<<<<
@@ -26160,14 +26230,14 @@ static int __Pyx_InitCachedConstants(__pyx_mstatetype *__pyx_mstate) {
 */
   {
     PyObject* __pyx_temp[17] = {__pyx_mstate_global->__pyx_n_u_assignment, __pyx_mstate_global->__pyx_n_u_generation, __pyx_mstate_global->__pyx_n_u_failover, __pyx_mstate_global->__pyx_n_u_req_tags, __pyx_mstate_global->__pyx_n_u_resp_tags, __pyx_mstate_global->__pyx_n_u_candidates, __pyx_mstate_global->__pyx_n_u_pods_2, __pyx_mstate_global->__pyx_n_u_any_2, __pyx_mstate_global->__pyx_n_u_fixed, __pyx_mstate_global->__pyx_n_u_starts_2, __pyx_mstate_global->__pyx_n_u_index, __pyx_mstate_global->__pyx_n_u_shift, __pyx_mstate_global->__pyx_n_u_owner, __pyx_mstate_global->__pyx_n_u_epoch, __pyx_mstate_global->__pyx_n_u_backup, __pyx_mstate_global->__pyx_n_u_combos, __pyx_mstate_global->__pyx_n_u_count_2};
-    __pyx_mstate_global->__pyx_tuple[2] = __Pyx_PyTuple_FromArray(__pyx_temp, 17); if (unlikely(!__pyx_mstate_global->__pyx_tuple[2])) __PYX_ERR(0, 19, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[2]);
+    __pyx_mstate_global->__pyx_tuple[3] = __Pyx_PyTuple_FromArray(__pyx_temp, 17); if (unlikely(!__pyx_mstate_global->__pyx_tuple[3])) __PYX_ERR(0, 22, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_mstate_global->__pyx_tuple[3]);
   }
-  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[2]);
+  __Pyx_GIVEREF(__pyx_mstate_global->__pyx_tuple[3]);
   #if CYTHON_IMMORTAL_CONSTANTS
   {
     PyObject **table = __pyx_mstate->__pyx_tuple;
-    for (Py_ssize_t i=0; i<3; ++i) {
+    for (Py_ssize_t i=0; i<4; ++i) {
       #if PY_VERSION_HEX >= 0x030F0000
       PyUnstable_SetImmortal(table[i]);
       #elif CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
@@ -26224,38 +26294,38 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{15},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{15},{7},{6},{2},{9},{50},{16},{16},{30},{37},{5},{10},{8},{9},{3},{5},{12},{30},{32},{17},{26},{23},{24},{19},{24},{25},{21},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{12},{11},{10},{19},{27},{14},{12},{10},{17},{13},{12},{12},{19},{9},{8},{4},{7},{11},{7},{6},{5},{6},{6},{6},{13},{10},{6},{5},{9},{10},{6},{7},{4},{13},{3},{6},{15},{3},{10},{18},{7},{4},{5},{1},{10},{18},{5},{15},{6},{9},{5},{5},{8},{11},{5},{6},{7},{10},{3},{2},{5},{3},{5},{8},{3},{6},{7},{4},{4},{4},{4},{3},{4},{3},{6},{4},{3},{3},{8},{13},{4},{8},{11},{12},{6},{4},{5},{8},{4},{10},{5},{4},{11},{5},{6},{5},{12},{4},{4},{3},{6},{6},{6},{12},{6},{1}};
-    const struct { const unsigned int length: 10; } bytes_length_index[] = {{1},{47},{90},{6},{5},{11},{55},{515},{42},{20},{206},{67},{202},{106},{97},{112}};
+    const struct { const unsigned int length: 8; } str_length_index[] = {{6},{8},{15},{1},{2},{15},{23},{25},{32},{20},{22},{1},{1},{37},{45},{22},{179},{8},{15},{7},{6},{2},{9},{50},{16},{16},{30},{37},{5},{10},{8},{9},{3},{5},{12},{30},{32},{17},{26},{23},{24},{19},{24},{25},{21},{8},{15},{20},{12},{9},{17},{8},{8},{12},{10},{8},{10},{8},{7},{14},{12},{11},{10},{19},{27},{14},{12},{10},{17},{13},{12},{12},{19},{9},{8},{4},{7},{11},{7},{6},{5},{6},{6},{7},{6},{13},{10},{6},{5},{9},{10},{6},{7},{4},{13},{3},{6},{15},{3},{10},{18},{7},{4},{5},{1},{10},{18},{5},{15},{6},{9},{5},{5},{8},{11},{5},{6},{7},{10},{3},{6},{2},{5},{3},{5},{8},{3},{6},{7},{4},{4},{4},{4},{4},{3},{4},{3},{6},{4},{3},{3},{13},{4},{8},{11},{12},{6},{4},{5},{8},{4},{10},{5},{6},{4},{11},{5},{6},{5},{12},{4},{4},{3},{6},{6},{6},{12},{6},{1}};
+    const struct { const unsigned int length: 10; } bytes_length_index[] = {{1},{47},{90},{6},{5},{11},{55},{515},{42},{30},{206},{67},{202},{106},{97},{112}};
     #ifndef CYTHON_COMPRESS_STRINGS
       #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2034 bytes) */
-static const char cstring[] = "x\332\225UKw\333\306\025\266\010(Vl9\026m9j\233\234S\260\221\252\304\265\330(~4u]7\014E;N\234T\022i\213~\344 C`HN\004\002 f@\223qc{\311%\226\263\304\022K,\271\344\222K,\271\324O\360O\350\275\200(Kv\333s\312#\3167\2743\367\365\335;W\032\021\332\347}\315i\374L\rq\373S\341Q\2525=\322\352P[|V\274\251\335\372\236v\034o\360\220\321g\232\323\324n\031\216-X\313w|\256\021\333\324L\346\241\336\333bf\317\016\270\360\230I\315c\2275\307\373\237\347\047eG7o\377\243Ll\333\021\032\341\234\265lM8\232G\211\271\341\330\326@\353\244A\366 \310{v\217X\314\324:\216I\257h\264\357\202.\230Z7\326\321\357z\323\361\204G\354\365+Z\013L\315.\3636q)\270\322H\237q\355\007GPM\264\201\230\362@\264\035[\003\231I-\326\240\036\021\024\274a|`\325\303K\266\266]\331\336\270\366\345\2654Z\217\"\215\\\343~\303\260 P\312\221\264\206\317,\001\326\305\300\245\274\250\335kj\003\307\327l\nqA\026.\334;\256 \332\324\3268\025\270\321\326\323\234\211`\216\255\203:\263[\353\2074\261\036E\355;\304\342\264HLS\207{\324p,\013\317\034\233\027I\3030\031\047\r\213R\033\327\226\301x\2663m\007\022j\022\337\022\232\256{\324\364\r\252\353\232\351\247\026m\307\336\200\004{\214Xpj0\233\t]w=\247?(f\324ck\244\277\377\3549>\344\325*\272\003?5\214\352\304\262\034\003x\322\210\347\221\201f\022A\212\377\3414\243\0349\313\252\315\213\245j\371\336\275\322\221\207\212e1\2273\376]\345\221^\335.\225+\333\216\271\013\376\350n\346\264\206&\217\357\213G\251\030i\331t\375\255S\340\224\003\225\377\355\\\220\326I\3013&\332z\203\030\373\276\313O\234\030\0206\203\304\350Iq\223\365\251\251{o\307X\264\034\007L\234\020y\264\353S.\336\361\351Q\356B\355\350\273\007hU\047\242\212\212\266A\361=\026\337<M]\337\036\364\341\273\005}\251\377@\373b\2276u\375\260w\240\266PG\354\2567\233\026\025L\320\016\nL\324\201O\323\267\r\304\326\214&\370\260\216\013\017\006w\035\302\354\024\035\323\267\3223\233t2D\367\320!\020\200\321\246\306>\367;\331/H\006:,\333\037Z\304-\276\202l\347\333.3\366\301Z\305\236\351\034\211\216g\237\035\365D\266\327\365\256O\254\231\367Y\367""\276S\374#\001\355\343\017(\376Q\304\374X\206\3574\005\210,G\244T\t,\021\32288l\003\375M\345u\303\3514\034\004\337\026\031\207\324u\214\266\236u\001\214-\360\313\360<{$4\345I\370.\244\340<\263\251\247\273\216\311!\306.\326\0327\334\315v\274\315\232\002\t\363 \n\220\234\350Cx\324$}\373\263\207\2447\374f\023\006\223=x\3638\t\037\330\006s\212G\276\371\241v\203p\332\030@\364\306\233D\014\013\203\203\342\302\\4(^LS2\3232A\002\331\177\006\3509\030\250\024\352\224\016\3014U\352y\216\327$\314rz\324;\326\374M\013\322\200A\333!\342p\334\266\250\215j0\226\260\357\314\224\034f\247\035\310\263\345\027\272O\007\331C\201Y\216\203\034\0078\026\014\342\354\300H\242\020\207\013\301\001k\360\2473\\\341\255\270\256\003+\030\001\333\331\214:\234I\340u\337\243-\306aN\037{m\307\037\230G\205\357\331\236c\3214\354\331\023\343\324jBW\034\016\310tNa|\334b\330]\310MV\233tI{\007\027ft(4\220\t\376\\.\034\370z\360\347\033\002::%\037\311\366\301\361\254\341\340?\017\004\325\377g}\343;:H}o\300\204\273\251\255\361sg\216\311\356\036Q\007G\346\211\243\377\363z\005k\366\216t\027\322\317\254d=\222\366\346\253\271\251z9*D7\342\374\253\271\003\365\367\262\233h\237\307gG\177\033\357\047;\273S\365bpK\366\303n\004\327N\277\372W\360\027Y\230.\024#\022\275\034\331\223\322T=;\334|5\367z\341\324\231\217\360 \037,\007{r+<\023\255F\366hk|f\262:a\311\336\223\344\211\231\230\355\244\335M\272~\342\277x}\352\324\313\271r\016\240\234\273\217p?\267\215\260\235\253#\324sO\021\236\346\332\010\355\234\205`\345\006\010\203\334\257\010\277\346\356(\000w\224o\021\276Uj\0105\245\216PW(\002U\030\002S\004\202P\372\010}e\240L\027\226\202\323AW\276\047\255\250\200Y\365\206{AE.\313\235\351\302\205\000\262X\t\272\007\260\010y#\\\211\346\243j\254\306\337\217W&\363\223j\262]Kj?&?B6,aVb\271\211\333O\372/\301\362W\271\n\006V\311}\203\360\315,\257*B5\367\030\341qNG\320s\r\204F\256\211\320\314u\021\272\271>B\177\226\336W\030\355W\312\026\302\226\262\215\260\255\354!\354)O\021\236*:\202\256\030\010\206\342 8J\017\241\247<Gx\256\274@x\241|""\255\002|\255\336G\270\257V\021\252j\035\241\256>Ax\242\352\010\272\272\217\260\257z\010\236\312U\244\247;]8\237\234\337\210jq>^\037}4\276;\331<8))\275*M\227\265\360lt3\336I/C\221{\323\305\363C\036\254\313\374t1\037\314\226s\211\372;Y\000\365\241\010\376*K\262\036\356\204$Q?\226\245\203\264y@\375\334\260\026\254\3109\250G5T\303\322L\220\223\253\322\010\227\303GQ#\236\233.|04\202\013\301\346t\361bp5hHU\226e\027=\212\340\213\340\241\334\224\245\351\322\245`\347\000\226\232\274 7\247\013\213\303\362\320\203\020@\263\031\224\202\335\300\223\037J/\274\020~\021\356\206\"\372\373(5j\006\177L]\357\205\2450m\207\325\240-\211\024\341\227\321f\004\261\234\037\376\"\363\362\323\360\223\360!\010\266\342\371\370\301hu\324\032\357\214\315\311gIu/\331\253\047\252\026\036\332\372\223\254\205y\270\013\226\316\016\257\001\033\205\351\"\232\334O\245{\311\025#1\314\351\022\246\320\202\356[Z\016JHM75\001\217\352\375s\303\n\206\214\312\2754\221\253\222L\027\227\203-\371AH\302.f\177-\360\201\307\235l\233R\340\007e\330,A\027\247\251\324\302K!\231.\375\006~\344\345\032\244\274\034V\241\253\037\305$\206[\277\305\276\227\315\260\022\345QE\310\353\341\034(PL7z\020\027\342\315\2702Z\036=\030\257O.NJ\223Z\262SO\352\360\002HB\032I\303\300`JA\035L\230a!\274\032\232\321Z\204\375\002u\270\rI\026\022\265\020~\034\355\034\000\375G\231\360`\rb\336\ns)3)!?\203\323|V\276\253\001\004\373a`\312\313P\202\0070G(\204pwt}<\207)nf\266\257C2+\341|\3704^\216\253\243\371\321\3431p\366\207\020\032k)P\203\273\362\232\354b\r\316\016o\004\027\203\322\214\364K\020^!\332<\346g\005\031C\225R\306\352i\320;\003)x\361\305\270\034\363\321\332\210\217W\307d\232\025\345\223p\363\365{\247\336_\002\206\267\344\274|\020^\211\314\370\362\250<z\006\325_\233<K\036>J\036\375\224\374D\246i\030\367\261}\263\332\037\206\201%z\036\0262_\213pX\007\212\327Gyh!\222z\242\223\253\0232I\t\354\376\033\213`9\013";
-    PyObject *data = __Pyx_DecompressString(cstring, 2034, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (2053 bytes) */
+static const char cstring[] = "x\332\225U\315w\333\306\021\267\010(Vl9\026m9j\233\274W\260\226\252\304\265\3300\222\335\324u]3\024\3558qRI\244,\312v\036\262\004\226\344F \000b\0274\0317\266\217<\342\210#\2168\342\310#\217<\342\310\243\376\004\377\t\235\001D}\330m\337+\037\211\337bv\347\3537\263C\205\010\345\213\236b\325\177\246\232\270\367\231p(U\032\016i\266\251)>\317\337Q\356~O\333\226\323\177\302\350\013\305j(w5\313\024\254\351Z.W\210\251+:sP\357]13\247\033\\8L\247\372\251\303\212\345\374\317\375\263\262\343\223\367\376Q\"\246i\t\205p\316\232\246\",\305\241D_\263L\243\257\264\223 \273\020\344#\263K\014\246+mK\2477\025\332\263A\027L\255j\253\350w\265a9\302!\346\352M\245\t\246\246\207y\213\330\024\\)\244\307\270\362\203%\250\"Z@L\251/Z\226\251\200L\247\006\253S\207\010\n\3360>\260\352\340!S\331*o\255m|\265\221D\353P\244\221+\334\255k\006\004J9\222Vw\231!\300\272\350\333\224\347\225G\r\245o\271\212I!.\310\302\206s\247\025D\213\232\n\247\002\027\312j\2223\021\3142UPgfs\365\210&\326\245\250\375\200\030\234\346\211\256\253p\216j\226a\340\236e\362<\251k:\343\244nPj\342\263\2511\236\256t\323\202\204\032\3045\204\242\252\016\325]\215\252\252\242\273\211E\3232\327 \301.#\006\354j\314dBUm\307\352\365\363)\365\330\032\311\373\237\035\313\205\274\232y\273\357&\206Q\235\030\206\245\001O\nq\034\322Wt\"H\376?\354\246\224#gi\265y\276X)=zT<\366P6\014fs\306\277+\357\253\225\255b\251\274e\351;\340\217\356\244N\253h\362\364:\177\234\212\226\224MU\337\331\005N9P\371\337\366\005i\236\025\274`\242\245\326\211v\340\332\374\314\216\006a3H\214\236\0257X\217\352\252\363n\214y\303\262\300\304\031\221C;.\345\342=\237\016\3456\324\216\276\277\201VU\"*\250hj\024\357c\376\344j\252\352V\277\007\277M\350K\365\007\332\023;\264\241\252G\275\003\265\205:bw\235,\232T0A\333(\320Q\007>\r\327\324\020\233S\232\340\303\3326\\\030\\\265\t3\023\264t\327H\366L\322N\021\335C\207@\000Z\213j\007\334m\247o\220\014tX\272>\262\210K\274\005\351\3125m\246\035\200\265\2629\3259\026\235\316>\335\352\212t\255\252\035\227\030S\357\323\356}\257\370""\307\002\332\303\027(\376q\304\374T\206\3575\005\210\014K$T\t,\021\322\330?j\003\365\244\362\252f\265\353\026\202k\212\224Cj[ZKM\273\240Ex\353\366\206\n\323\013\3343<\226\336\025\232\320%\\\0332\261^\230\324QmK\347\020j\007K\216\013n\247+\336b\r\201\2749\020\014H\316\264#\334m\222\214\200\351}R\353n\243\001\363\311\354\237\334Q\302\373\246\306\254\374\261o~\244]\047\234\326\373\220\204v\222\217f`pPc\030\217\032\305\203IfzR-H \375\203\200\326\203\271J\241\\\311,L2\246\216c9\r\302\014\253K\235Sw\240a@\0320o\333D\034M\335&5Q\r\246\023\364X\312\020\323\023\212\230\231\264#O\037\277\320\003\332Oo\r\014v\234\352\355vk\035\047:V\020\"n\303\214\242\020\221\ra\002\177\360U\031>\341\362\330\266\305\323au4\234\300\357\201C\233\214\303\300>u\355N\3374\207\n\3271\035\313\240I\340\323\273\306\251\321\200\3668\232\224\311\300Bj\251\216\021r\203a\263!Gi\215\222G\322J\370`Z\033R\204\210\004\265\271\260\340\347\300\327\325\0044xR\004$\335\005\367\323\376\203?\"\010\255\367\317\332\332w\264\237D\260\006\003\357\216\262\302/]8%{xL!l\351g\266\376\317\343e\254\335{\322\035 !\265\222\366J\322\243of&\362\2150\027\336\216\262of\016\345\337\373\235X\371\"\2728\374\333\350 \336\336\231\310W\275\273~/\350\204p\354\374\233\177y\177\361s\223\271|H\302\327Cs\\\234\310\027\007\20573o\347\316]\370\0047\262\336\242\267\347o\006\027\302\345\320\034n\216.\214\227\307,\336{\026?\323c\275\025\267:q\307\215\335Wo\317\235{=S\312\000\2242\217\021\036g\266\020\26625\204Z\3469\302\363L\013\241\2251\020\214L\037\241\237\371\025\341\327\314\003\t\340\201\364-\302\267R\025\241*\325\020j\022E\240\022C`\222@\020R\017\241\047\365\245\311\334\202w\336\353\370\037\370F\230\303\254\272\203=\257\354/\372\333\223\271+\036d\261\344u\016\341!\374\333\301R8\033V\"9\372~\2644\236\035W\342\255j\\\3751\376\021\262a13b\303\216\355^\334{\r\226\357g\312\030X9\363\r\3027\323\274*\010\225\314S\204\247\031\025A\315\324\021\352\231\006B#\323A\350dz\010\275iz\3671\332\373\322&\302\246\264\205\260%\355!\354I\317\021\236K*\202*i\010""\232d!XR\027\241+\275Dx)\275Bx%}-\003|-?Fx,W\020*r\r\241&?Cx&\253\010\252|\200p ;\010\216\314e\244\2473\231\273\034_^\013\253Q6Z\035~2z8.\034\236\225\024\337\024\047\213Jp1\274\023m\047\207\241\310\335\311\374\345\001\367V\375\354d>\353M\037\227b\371w~\016\324\007\302\373\253_\364\367\202b\260\033^\017\367\242\007\303\334\260\020\313\237\372\305\303\244\215\300\320\245A\325[\362g\2402\225@\016\212SA\306_\366\265`1\330\017\353\321\314d\356\243\201\346]\361\n\223\371\253\336\272W\367e\277\344w\320\267\360\276\364\236\370\005\2778Y\270\346m\037\302\243\352_\361\013\223\271\371Ai\340@0\240\331\360\212\336\216\347\370\037\373Np%\3702\330\tD\370\367abT\367\376\230\270\306\010\223\306X\366Z>\361E\360UX\010!\226\313\203_\374\254\377Yp=x\002\202\315h6\332\035.\017\233\243\355\221>\376<\256\354\305{\265XV\202#[\177\362\253A\026\316\202\245\213\203\r\340%7\231G\223\007\211t/\276\251\305\232>Y\300\024\232\320\207\013\213^\021I\352$&\340z}xiP\306\220Q\271\233$\262\356\223\311\374\242\267\351\177\024\220\240\203\331ox.0\272\235.\023\n\\\257\004\213\005\350\347$\225jp- \223\205\337\300K\326_\201\224\027\203\n\364\367~D\"8\365[\274\001~#(\207YT\021\376\255`\006\024(\246\033\356F\271\250\020\225\207\213\303\335\321\352\370\352\2708\256\306\333\265\270\006w\201\304\244\036\3275\014\246\350\325\300\204\036\344\202\365@\017WB\354\034\250\303=H2\027\313\271\340\323p\373\020\350?\316\204{+\020\363f\220I\230I\010\371\031\234f\323\362\255{\020\354\307\236\356\337H\232d9\244\020\302\303\341\255\321\014\246XHm\337\202d\226\202\331\340y\264\030U\206\263\303\247#\340\354\017\001\264\330\202\047{\017\375\r\277\2035\2708\270\355]\365\212S\322\257Ax\271\260p\312\317\0222\206*\305\224\325\363\240w\001Rp\242\253Q)\342\303\225!\037-\217\310$-\312\365\240\360\366\203s\037.\000\303\233\376\254\277\033\334\014\365\350\306\2604|\001\325_\031\277\210\237\354\307\373?\305?\221I\022\306cl\337\264\366Ga`\211^\006\271\324\327<l\326\200\342\325a\026Z\210$\236\350x}L\306\t\201\235\177\003xABe";
+    PyObject *data = __Pyx_DecompressString(cstring, 2053, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2654 bytes) */
-static const char cstring[] = "\377 at 0x o\377bject>(t\377ree frag\377ment).: \377<MemoryV\377iew of <\377contiguo\377us and d\263ir4\001\007\rin\021\005s\277trided\"\010 7or \004\031><(\tA\006\377>?Cannot\377 assign \377to read-\277only m\240\002v\376\242\000Invalid\377 mode, esxp\324\000|\000\047c\047t\001\377\047fortran\317\047, gH\000%\005sh\367ape\222\000 axi\377s Note t\375h\226 Cython\375 \021\000delibe\317ratek\000\320\001ct\373er!\001n PEPo-484\212\"re\303!\177s subcl\246\000\373es\261!built\375i\260\000ypes. \377If you n\311e\224 \303\000p\316\000%\tth\277en set\200\000e\373 \047\357\002ation\377_typing\047\366\355$iv\242\000o Fa\377lse.add_>\231 ecoll\305@+\000\377s.abcdis\277ableen\002\001g\367cis\004\003dno \377default \377__reduce\337__ duM\002no{n-\262@vial\033\000\377cinit__p\037roxy.\365#\227a\013\002\357/rou\325\000g.p\363yu^\002\221Aallo\375c\245  array? data.\013\020\355#\374\277a\234cs.ASCI\363IA\330B\371aElli\377psisKEY_\377SPACEPod-Rm\000eRo\003T\326\001\000\t5.\302\006c\262B__\017\014\321 \353st\277@_\n\023tag\376A\013with_ba\337ckups\\\nca\327ndi\326\000e\t\013fi\337xed_r\224\r.l\363oo@\000\236\nrequ\357est_d\rres\237ponse\007\017\366\001_watS5\001nce\214\206\001}.\221\206\007__Pyx\001\000\377Dict_Nex?tRef__\265d\331@\333__\212\204\002__\001\005ge_titem\r\001d0\001\036\027\000func\035\001\030\000\241#\276+\000impor\374@_\337_main;\001mowdulM\002nam\002\003\353ewT\001p~\000che\017cksuT\000\n\001\312\000\337`\360\271`\230\000K\004!\001type~\017\003unpickK\000\303En,\005\n\006\332I=\003vt<\310\204\001\277\001qualv\005\266\204\005\354\354N\320\204\006ex\363\001set\341_\252\005\200f\215 \204n__s/lots\247!t\237A\303!\365y\200d_\360G_com\367bos\004\000unt_~\277\"epoch_\200c\227indu\000i\034\001\237\205\003e\273_n\245 tup\272 o\377wner_podcs_\206`\201a\005\001sp\004\003\377shift_st{ar\203\000tag_\374i\377abcactiv\375e\337\205\005_buffe\357rany\223\206\007asy\177ncio.cou\004\375s\277\204\004baseby\372\324\000c\271\204\007cline}_\332@trace\353\204\001\213co\320\000d\242B\276\000""\224\213\003e?ncodee\245@\200\211\002\376\346\002errorfa\277ilover\362\204\010f\377lagsform\033at\350\211\004ge\356\000\300\210\002\364a\255d\230\"in\375bs\203\204\001s\277izekey\243\205\003m\343em\305\212\001\275\212\001\337andi\377mnoneobj\317pack\263 \266 _i\375d\273!poppos\342\000\000i\235\211\001\236\210\003\215\210\004ran\177kregist\244\000\374\344\205\007\325\205\treturn\257role\257\206\002r\334\205\004s?elfset\232\211\004\226\213\002>\234\001slice\351C\226C\370\234B\314\207\002\322\207\001icmet\375h\320@tepsto\376\001\000rstruct\333un\263\001up\254\207\001us\373e_\376\207\005value\377sxOX-Key\376\260\207\002-Pod: %\227s\r\n\t\010G\262&\030\000d$\016\n\000,E\233\204\0014\016R\374\000o\003\374\344\210\003\227\204\002\200\001\330\004*\250\377!\2506\260\021\200\001\340\377\004\037\230q\320 0\260\377\013\270;\300k\320QR\377\330\004\023\220<\230x\240\373q\250$\000\007\200|\2207\377\230!\330\010.\250a\250\377\177\270n\310A\330\004\013\377\2101\200\001\360\010\000\n\375\033\025\001\021\220\024\220W\230\377D\240\n\250$\250n\270\377D\300\n\310$\310i\320\377W[\320[d\320dh\377\320hq\320qu\320u\377~\360\000\000\177\001C\002\356\004\000C\002L\003\001L\002P\356\n\001P\002X\021\001X\002\\\356\030\001\\\002h\037\001h\002l\356&\001l\002y-\001y\002}\3364\001}\002F\003C\000F\003\335J\003\001J\003T\n\001T\003\335X\021\001X\003e\030\001e\003\335i\037\001i\003t&\001t\003\375x-\001x\003y\003\330\010\377\020\220\007\220q\230\006\230\377l\250!\330\004\007\200v\377\210W\220E\230\024\230Q\357\330\010\022\220\334\000\027\220q\377\340\010\027\220t\2306\240\377\027\250\005\250S\260\004\260\377M\300\027\310\005\310S\320\177PT\320T]\320]\313\000\377i\320il\320lp\320\337px\320x\177\316\000@\002]E\315\001E\002H\324\001H\320\005\335S\342\001S\002Z\351\001Z\002\335_\360\001_\002b\367\001b\002\335f\376\001f\002q\205!q\002\325x\214!x\327\005@\333\001@\003\335D\342\001D\003P\351\001P\003\335W\360\001W\003\\\367\001\\\003\335_\376\001_\003c\205!c\003\335o\214!o\003v\223!v\003\335{\232!{\003~\241!~""\003\273B\004\357 B\004L\003\001L\273\004S\n\001S\004X\021\001X\273\004[\030\001[\004_\037\001_\273\004k&\001k\004r-\001r\367\004s\004\233!q\330\010\017\377\320\017-\250T\260\021\260\377\047\270\033\300G\3101\340\376\004\013A\200A\330\024 \240\237\013\250:\260Q(\002\342@v\377\330\014\017\210s\220\047\230\237\021\330\014\021\220\000\002\007\000\r\337\320\004\032\230!<\000\210t\377\2209\230A\230X\240Q\377\240a\320\004\034\230A\340\371\010\271a\200@\r\210T\220\027\373\230\001\215@S\240\004\240A\373\330\010\013\003\002\230$\230c\377\240\024\240Y\250b\260\001\377\330\010\016\210c\220\022\220\3771\330\014\023\2203\220b\277\230\004\230C\230qn\001t\377\2202\220V\2301\230A\277\330\020\025\220Q\340\002\000T\377\230\022\2301\330\010\014\210\347C\210r\205\0007\000f\220A\377\220R\220r\230\026\230r\377\240\022\2402\240R\240tw\250=\270P\002d\220&v\002\357W\240A\240\212b$\220h\377\230a\230t\2408\2501\375\250\211\000\017\210z\230\021\230\337(\240#\240V\016\000D\260\377\005\260U\270$\270g\300\377Q\300d\310)\320SW\177\320WX\320\004 \240E\004\237+\230T\240\021)\000\326`\013\373\2104\213 !\330\014\022\220\367$\220k\021\002W\320,c_\320cd\330\020\277\001g\373`w\020\024\220\204 \017\210q>\002\177\360\010\000\t\r\210E\257\001\3669\001v\220\305\0013\230a\330\377\014\024\220D\230\016\240a}\240\356\000\023\2204\220u\305 \355Q\205!4\220\376\002u\220C\336\006\000\020\027\220q\301\"T\240\277\025\240a\330\020\030\320 \021\373\230%\360\000\024\240S\250\005\377\250Y\260a\260q\330\020\375\031\364\204\001\230f\240E\250\021}\3300\000t\2305\240\001.\000\375e\353\001\250U\260!\2601\377\260E\270\024\270U\300\047\377\310\023\310A\310T\320Q\377X\320X]\320]a\320\337ab\320bc\211\001A\220\377X\230Q\230d\240!\240?3\240d\250%\250\254a\334@\375>\370\000!\320\004!\240\034\347\250Q\340\374 \301\006s\220%N\261\000D\240\002\225\"\214\"jr\000\355\021\271C3\220\252\000\026\220d\373\230*\200@U\250$\250e>\200\000G\2705\300\001\350A\306@\365\017\270`5\235`\027\240\005\240\377\\\260\024\260S\270\005\270\333Z\300\261 \"""\240\326`\020\220\177\004\220G\2304\230q\200A\177\013\2106\220\023\220A\355%]\025\234\000!\2501]\010\027\256!\252/\001A\320#\0075\000\n\300\000r\377\260\023\260C\260s\270%\377\270s\300$\300a\330\010\376\220B#\2401\360\006\000\t\367\020\210u\376 \005\230U\240\377,\250d\260*\270C\270\375w\373@%\310w\320VY\237\320Y`\320`-\000\203\001Lp\273\204\001\302a~\006\252A{\240!\274Cu\014\340`X\340 \047\270\021\300`\375ae\002e\3103\310a\310\002\274\"q";
-    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2654, 3502);
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (2681 bytes) */
+static const char cstring[] = "\377 at 0x o\377bject>(t\377ree frag\377ment).: \377<MemoryV\377iew of <\377contiguo\377us and d\263ir4\001\007\rin\021\005s\277trided\"\010 7or \004\031><(\tA\006\377>?Cannot\377 assign \377to read-\277only m\240\002v\376\242\000Invalid\377 mode, esxp\324\000|\000\047c\047t\001\377\047fortran\317\047, gH\000%\005sh\367ape\222\000 axi\377s Note t\375h\226 Cython\375 \021\000delibe\317ratek\000\320\001ct\373er!\001n PEPo-484\212\"re\303!\177s subcl\246\000\373es\261!built\375i\260\000ypes. \377If you n\311e\224 \303\000p\316\000%\tth\277en set\200\000e\373 \047\357\002ation\377_typing\047\366\355$iv\242\000o Fa\377lse.add_>\231 ecoll\305@+\000\377s.abcdis\277ableen\002\001g\367cis\004\003dno \377default \377__reduce\337__ duM\002no{n-\262@vial\033\000\377cinit__p\037roxy.\365#\227a\013\002\357/rou\325\000g.p\363yu^\002\221Aallo\375c\245  array? data.\013\020\355#\374\277a\234cs.ASCI\363IA\330B\371aElli\377psisKEY_\377SPACEPod-Rm\000eRo\003T\326\001\000\t5.\302\006c\262B__\017\014\321 \353st\277@_\n\023tag\376A\013with_ba\337ckups\\\nca\327ndi\326\000e\t\013fi\337xed_r\224\r.l\363oo@\000\236\nrequ\357est_d\rres\237ponse\007\017\366\001_watS5\001nce\214\206\001}.\221\206\007__Pyx\001\000\377Dict_Nex?tRef__\265d\331@\333__\212\204\002__\001\005ge_titem\r\001d0\001\036\027\000func\035\001\030\000\241#\276+\000impor\374@_\337_main;\001mowdulM\002nam\002\003\353ewT\001p~\000che\017cksuT\000\n\001\312\000\337`\360\271`\230\000K\004!\001type~\017\003unpickK\000\303En,\005\n\006\332I=\003vt<\310\204\001\277\001qualv\005\266\204\005\354\354N\320\204\006ex\363\001set\341_\252\005\200f\215 \204n__s/lots\247!t\237A\303!\365y\200d_\360G_com\367bos\004\000unt_~\277\"epoch_\200c\377hash64_i\313nd|\000i#\001\246\205\003e_\335n\254 tup\301 ow\377ner_pods\261_\215`\210a\005\001sp\004\003s\377hift_sta\275r\212\000tag_\203\204\ta\377bcactive\376\346\205\005_buffer\367any\232\206\007asyn\277cio.cou\004s~\306\204\004baseby\333\000}c\300\204\007cline\255\000\277_trace\362\204\001c\305o\327""\000d\251B\276\000\233\213\003en\037codee\254@\207\211\002\355\002\377errorfai\337lover\371\204\010fl\377agsforma\rt\357\211\004ge\356\000\307\210\002\374`\234#[id\236\"in\212\204\002s\220\204\001\177sizekey\260\205\003\367mem\322\212\001mmh3\374\316\212\001\360andimno\377neobjpac\271k\275 \300 _id\305!p\237oppos\247\210\003\226\210\004r\377ankregis\361t\246\000\355\205\007\336\205\tretu\277rnrole\270\206\002r\376\345\205\004selfset\330\243\211\004\237\213\002\366\213\001ed\236\001sl\007ice\370C\236C\244B\333\207\002\341\207\001\277icmeth\330@t\337epsto\001\000rs\177tructun\261\001{up\273\207\001use_\215\210\005\377valuesxO\337X-Key\277\207\002-P\377od: %s\r\n\222\t\010G\272&\030\000d\016\n\000,E\204\252\204\0014\016R\202 o\003\363\210\003\237\204\002\200\377\001\330\004*\250!\2506\377\260\021\200\001\340\004\037\230\377q\320 0\260\013\270;\377\300k\320QR\330\004\023\177\220<\230x\240q\250$\000\377\007\200|\2207\230!\330\377\010.\250a\250\177\270n\377\310A\330\004\013\2101\200\277\001\360\010\000\n\033\025\001\021\377\220\024\220W\230D\240\n\377\250$\250n\270D\300\n\377\310$\310i\320W[\320\377[d\320dh\320hq\377\320qu\320u~\360\000\337\000\177\001C\002\004\000C\002\335L\003\001L\002P\n\001P\002\335X\021\001X\002\\\030\001\\\002\335h\037\001h\002l&\001l\002\335y-\001y\002}4\001}\002\273F\003C\000F\003J\003\001J\273\003T\n\001T\003X\021\001X\273\003e\030\001e\003i\037\001i\273\003t&\001t\003x-\001x\377\003y\003\330\010\020\220\007\377\220q\230\006\230l\250!\377\330\004\007\200v\210W\220\377E\230\024\230Q\330\010\022\375\220\334\000\027\220q\340\010\027\377\220t\2306\240\027\250\005\377\250S\260\004\260M\300\027\377\310\005\310S\320PT\320\357T]\320]\313\000i\320i\377l\320lp\320px\320\273x\177\316\000@\002E\315\001E\253\002H\324\001H\320\005S\342\001S\273\002Z\351\001Z\002_\360\001_\273\002b\367\001b\002f\376\001f\273\002q\205!q\002x\214!x\272\327\005@\333\001@\003D\342\001D\273\003P\351\001P\003W\360\001W\273\003\\\367\001\\\003_\376\001_\273\003c\205!c\003o\214!o\273""\003v\223!v\003{\232!{{\003~\241!~\003B\004\357 wB\004L\003\001L\004S\n\001wS\004X\021\001X\004[\030\001w[\004_\037\001_\004k&\001\367k\004r-\001r\004s\004\376\233!q\330\010\017\320\017-\377\250T\260\021\260\047\270\033\337\300G\3101\340\004\013A\200\377A\330\024 \240\013\250:\363\260Q(\002\342@v\330\014\017\377\210s\220\047\230\021\330\014\363\021\220\000\002\007\000\r\320\004\032\373\230!<\000\210t\2209\230\377A\230W\240A\240U\250\377#\250W\260F\270!\270\3771\320\004\034\230A\340\010\374\303a\212@\r\210T\220\027\230\375\001\227@S\240\004\240A\330\375\010\013\003\002\230$\230c\240\377\024\240Y\250b\260\001\330\377\010\016\210c\220\022\2201\377\330\014\023\2203\220b\230\337\004\230C\230qx\001t\220\3772\220V\2301\230A\330\337\020\025\220Q\340\002\000T\230\377\022\2301\330\010\014\210C\363\210r\217\0007\000f\220A\220\377R\220r\230\026\230r\240\377\022\2402\240R\240t\250;=\270P\002d\220&v\002\236\001\376\224b$\220h\230a\230t\337\2408\2501\250\211\000\017\210\377z\230\021\230(\240#\240\375V\016\000D\260\005\260U\270\377$\270g\300Q\300d\310\377)\320SW\320WX\320\367\004 \240E\004+\230T\240\271\021)\000\340`\013\2104\225 !\177\330\014\022\220$\220k\021\002\377W\320,c\320cd\330\375\020\277\001g\230Q\330\020\024\335\220\204 \017\210q>\002\360\010\237\000\t\r\210E\257\0019\001v\375\220\305\0013\230a\330\014\024\177\220D\230\016\240a\240\356\000_\023\2204\220u\317 Q\205!\2734\220\376\002u\220C\006\000\020\367\027\220q\301\"T\240\025\240\357a\330\020\030\320 \021\230%\376\360\000\024\240S\250\005\250Y\177\260a\260q\330\020\031\376\204\001\177\230f\240E\250\021\3300\000_t\2305\240\001.\000e\353\001\377\250U\260!\2601\260E\377\270\024\270U\300\047\310\023\377\310A\310T\320QX\320\377X]\320]a\320ab\367\320bc\211\001A\220X\230\377Q\230d\240!\2403\240Od\250%\250\266a\346@>\370\000\377!\320\004!\240\034\250Q\271\340\374 \301\006s\220%\261\000DS\240\002\225\"\214\"jr\000\021\271C\3733\220\252\000\026\220d\230*\356\240b$\250e\200\000G\2705S\300\001\350A\306@\017\302`5\235`\377\027\240""\005\240\\\260\024\260\277S\270\005\270Z\300\261 \"\375\240\340`\020\220\004\220G\230\3674\230q\200A\013\2106\220\327\023\220A\355%\025\234\000!\250\2451]\010\027\256!/\001A\320#\007\3725\000\n\300\000r\260\023\260C\377\260s\270%\270s\300$\357\300a\330\010\220B#\2401\177\360\006\000\t\020\210u\376 \377\005\230U\240,\250d\260\337*\270C\270w\373@%\310\377w\320VY\320Y`\320)`-\000\203\001L\273\204\001\240\367B\200\004\356\252A{\240!\274C\014\240A\273\240X\340 \047\270\021\300`a~e\002e\3103\310a\310\274\"\001q";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 2681, 3527);
     #define __Pyx_DecompressString_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (3502 bytes) */
-static const char bytes[] = " at 0x object>(tree fragment).: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenablegcisenabledno default __reduce__ due to non-trivial __cinit__proxy.assignmentproxy/routing.pyunable to allocate array data.unable to allocate shape and strides.ASCIIAssignmentEllipsisKEY_SPACEPodRouteRoutingTableRoutingTable.__reduce_cython__RoutingTable.__setstate_cython__RoutingTable._tagRoutingTable._with_backupsRoutingTable.candidatesRoutingTable.fixed_routeRoutingTable.lookupRoutingTable.request_tagRoutingTable.response_tagRoutingTable.route_atSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_result__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_unpickle_RoutingTable__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____slots____test___any_backup_candidates_combos_count_dict_epoch_fixed_index_is_coroutine_new_tuple_owner_pods_req_tags_resp_tags_shift_starts_tag_with_backupsabcactiveallocate_bufferanyassignmentasyncio.coroutinesbackupsbasebytesccandidatescline_in_tracebackcountdtype_is_objectencodeenumerateepocherrorfailoverfixed_routeflagsformatfortrangenerationgetidindexintitemsitemsizekeylookupmemviewmodenamendimnoneobjpackpodpod_idpodspoppospositionproxy.routingrankregisterrequest_tagresponse_tagreturnrolerouteroute_atselfsetdefaultshapesizeslice_countstartstartsstatestaticmethodstepstopstrstructunpackupdateuse_setstatevaluesxOX-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\nX-Keyroute""-Pod: %s\r\nX-Keyroute-Generation: %d\r\nX-Keyroute-Epoch: %d\r\nX-Keyroute-Role: %s\r\nbackupowner\200\001\330\004*\250!\2506\260\021\200\001\340\004\037\230q\320 0\260\013\270;\300k\320QR\330\004\023\220<\230x\240q\250\001\330\004\007\200|\2207\230!\330\010.\250a\250\177\270n\310A\330\004\013\2101\200\001\360\010\000\n\033\230!\330\010\021\220\024\220W\230D\240\n\250$\250n\270D\300\n\310$\310i\320W[\320[d\320dh\320hq\320qu\320u~\360\000\000\177\001C\002\360\000\000C\002L\002\360\000\000L\002P\002\360\000\000P\002X\002\360\000\000X\002\\\002\360\000\000\\\002h\002\360\000\000h\002l\002\360\000\000l\002y\002\360\000\000y\002}\002\360\000\000}\002F\003\360\000\000F\003J\003\360\000\000J\003T\003\360\000\000T\003X\003\360\000\000X\003e\003\360\000\000e\003i\003\360\000\000i\003t\003\360\000\000t\003x\003\360\000\000x\003y\003\330\010\020\220\007\220q\230\006\230l\250!\330\004\007\200v\210W\220E\230\024\230Q\330\010\022\220!\330\010\027\220q\340\010\027\220t\2306\240\027\250\005\250S\260\004\260M\300\027\310\005\310S\320PT\320T]\320]d\320di\320il\320lp\320px\320x\177\360\000\000@\002E\002\360\000\000E\002H\002\360\000\000H\002L\002\360\000\000L\002S\002\360\000\000S\002Z\002\360\000\000Z\002_\002\360\000\000_\002b\002\360\000\000b\002f\002\360\000\000f\002q\002\360\000\000q\002x\002\360\000\000x\002}\002\360\000\000}\002@\003\360\000\000@\003D\003\360\000\000D\003P\003\360\000\000P\003W\003\360\000\000W\003\\\003\360\000\000\\\003_\003\360\000\000_\003c\003\360\000\000c\003o\003\360\000\000o\003v\003\360\000\000v\003{\003\360\000\000{\003~\003\360\000\000~\003B\004\360\000\000B\004L\004\360\000\000L\004S\004\360\000\000S\004X\004\360\000\000X\004[\004\360\000\000[\004_\004\360\000\000_\004k\004\360\000\000k\004r\004\360\000\000r\004s\004\330\004\007\200q\330\010\017\320\017-\250T\260\021\260\047\270\033\300G\3101\340\010\017\320\017-\250T\260\021\260\047\270\033\300A\200A\330\024 \240\013\250:\260Q\330\010\017\320\017u\320uv\330\014\017\210s\220\047\230\021\330\014""\021\220\021\330\014\021\220\021\330\014\r\320\004\032\230!\340\010\017\210t\2209\230A\230X\240Q\240a\320\004\034\230A\340\010\021\220\024\220Q\330\010\r\210T\220\027\230\001\230\024\230S\240\004\240A\330\010\r\210T\220\027\230\002\230$\230c\240\024\240Y\250b\260\001\330\010\016\210c\220\022\2201\330\014\023\2203\220b\230\004\230C\230q\330\014\017\210t\2202\220V\2301\230A\330\020\025\220Q\340\020\025\220T\230\022\2301\330\010\014\210C\210r\220\021\330\010\016\210f\220A\220R\220r\230\026\230r\240\022\2402\240R\240t\250=\270\001\330\010\016\210d\220&\230\001\230\024\230W\240A\240Q\330\010\022\220$\220h\230a\230t\2408\2501\250A\330\010\017\210z\230\021\230(\240#\240V\2501\250D\260\005\260U\270$\270g\300Q\300d\310)\320SW\320WX\320\004 \240\001\330\010\016\210d\220+\230T\240\021\240#\240Q\330\010\013\2104\210s\220!\330\014\022\220$\220k\240\021\240#\240W\320,c\320cd\330\020\023\2203\220g\230Q\330\020\024\220A\340\010\017\210q\320\004 \240\001\360\010\000\t\r\210E\220\021\330\010\013\2104\210v\220T\230\022\2303\230a\330\014\024\220D\230\016\240a\240q\330\014\023\2204\220u\230A\230Q\330\014\023\2204\220q\330\014\017\210u\220C\220q\330\020\027\220q\230\001\230\024\230T\240\025\240a\330\020\030\230\001\230\021\230%\230r\240\024\240S\250\005\250Y\260a\260q\330\020\031\230\024\230Q\230f\240E\250\021\330\020\027\220t\2305\240\001\240\025\240e\2501\250A\250U\260!\2601\260E\270\024\270U\300\047\310\023\310A\310T\320QX\320X]\320]a\320ab\320bc\330\014\024\220A\220X\230Q\230d\240!\2403\240d\250%\250q\330\010\017\210t\220>\240\021\240!\320\004!\240\034\250Q\340\010\014\210E\220\021\330\010\013\2104\210s\220%\220u\230D\240\002\240#\240Q\330\014\022\220$\220j\240\001\240\021\330\014\017\210t\2203\220a\330\020\026\220d\230*\240A\240U\250$\250e\2601\260G\2705\300\001\330\014\023\2201\330\010\017\210t\2205\230\001\230\027\240\005\240\\\260\024\260S\270\005\270Z\300q\320\004\"\240!\340\010\020\220\004\220G\2304\230q\240\001\330\010\013\2106\220\023\220A\330\014\022\220$\220k\240\025\240d""\250!\2501\330\014\017\210t\2203\220a\330\020\027\220q\330\014\020\220\004\220A\330\014\024\220D\230\007\230q\240\n\250%\250r\260\023\260C\260s\270%\270s\300$\300a\330\010\017\210q\320\004#\2401\360\006\000\t\020\210u\220D\230\005\230U\240,\250d\260*\270C\270w\300d\310%\310w\320VY\320Y`\320`a\330\010\020\220\004\220L\240\004\240A\240Q\330\010\013\2106\220\023\220A\330\014\023\2204\220{\240!\330\014\024\220D\230\014\240A\240X\250U\260\047\270\021\270$\270a\270s\300$\300e\3103\310a\310q\330\010\017\210q";
+    #else /* compression: none (3527 bytes) */
+static const char bytes[] = " at 0x object>(tree fragment).: <MemoryView of <contiguous and direct><contiguous and indirect><strided and direct or indirect><strided and direct><strided and indirect>>?Cannot assign to read-only memoryviewInvalid mode, expected \047c\047 or \047fortran\047, got Invalid shape in axis Note that Cython is deliberately stricter than PEP-484 and rejects subclasses of builtin types. If you need to pass subclasses then set the \047annotation_typing\047 directive to False.add_notecollections.abcdisableenablegcisenabledno default __reduce__ due to non-trivial __cinit__proxy.assignmentproxy/routing.pyunable to allocate array data.unable to allocate shape and strides.ASCIIAssignmentEllipsisKEY_SPACEPodRouteRoutingTableRoutingTable.__reduce_cython__RoutingTable.__setstate_cython__RoutingTable._tagRoutingTable._with_backupsRoutingTable.candidatesRoutingTable.fixed_routeRoutingTable.lookupRoutingTable.request_tagRoutingTable.response_tagRoutingTable.route_atSequenceView.MemoryView__Pyx_PyDict_NextRef__annotate____class____class_getitem____dict____func____getstate____import____main____module____name____new____pyx_checksum__pyx_result__pyx_state__pyx_type__pyx_unpickle_Enum__pyx_unpickle_RoutingTable__pyx_vtable____qualname____reduce____reduce_cython____reduce_ex____set_name____setstate____setstate_cython____slots____test___any_backup_candidates_combos_count_dict_epoch_fixed_hash64_index_is_coroutine_new_tuple_owner_pods_req_tags_resp_tags_shift_starts_tag_with_backupsabcactiveallocate_bufferanyassignmentasyncio.coroutinesbackupsbasebytesccandidatescline_in_tracebackcountdtype_is_objectencodeenumerateepocherrorfailoverfixed_routeflagsformatfortrangenerationgethash64idindexintitemsitemsizekeylookupmemviewmmh3modenamendimnoneobjpackpodpod_idpodspopposproxy.routingrankregisterrequest_tagresponse_tagreturnrolerouteroute_atselfsetdefaultshapesignedsizeslice_countstartstartsstatestaticmethodstepstopstrstructunpackupdateuse_setstatevaluesxOX-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %""d\r\nX-Keyroute-Pod: %s\r\nX-Keyroute-Generation: %d\r\nX-Keyroute-Epoch: %d\r\nX-Keyroute-Role: %s\r\nbackupowner\200\001\330\004*\250!\2506\260\021\200\001\340\004\037\230q\320 0\260\013\270;\300k\320QR\330\004\023\220<\230x\240q\250\001\330\004\007\200|\2207\230!\330\010.\250a\250\177\270n\310A\330\004\013\2101\200\001\360\010\000\n\033\230!\330\010\021\220\024\220W\230D\240\n\250$\250n\270D\300\n\310$\310i\320W[\320[d\320dh\320hq\320qu\320u~\360\000\000\177\001C\002\360\000\000C\002L\002\360\000\000L\002P\002\360\000\000P\002X\002\360\000\000X\002\\\002\360\000\000\\\002h\002\360\000\000h\002l\002\360\000\000l\002y\002\360\000\000y\002}\002\360\000\000}\002F\003\360\000\000F\003J\003\360\000\000J\003T\003\360\000\000T\003X\003\360\000\000X\003e\003\360\000\000e\003i\003\360\000\000i\003t\003\360\000\000t\003x\003\360\000\000x\003y\003\330\010\020\220\007\220q\230\006\230l\250!\330\004\007\200v\210W\220E\230\024\230Q\330\010\022\220!\330\010\027\220q\340\010\027\220t\2306\240\027\250\005\250S\260\004\260M\300\027\310\005\310S\320PT\320T]\320]d\320di\320il\320lp\320px\320x\177\360\000\000@\002E\002\360\000\000E\002H\002\360\000\000H\002L\002\360\000\000L\002S\002\360\000\000S\002Z\002\360\000\000Z\002_\002\360\000\000_\002b\002\360\000\000b\002f\002\360\000\000f\002q\002\360\000\000q\002x\002\360\000\000x\002}\002\360\000\000}\002@\003\360\000\000@\003D\003\360\000\000D\003P\003\360\000\000P\003W\003\360\000\000W\003\\\003\360\000\000\\\003_\003\360\000\000_\003c\003\360\000\000c\003o\003\360\000\000o\003v\003\360\000\000v\003{\003\360\000\000{\003~\003\360\000\000~\003B\004\360\000\000B\004L\004\360\000\000L\004S\004\360\000\000S\004X\004\360\000\000X\004[\004\360\000\000[\004_\004\360\000\000_\004k\004\360\000\000k\004r\004\360\000\000r\004s\004\330\004\007\200q\330\010\017\320\017-\250T\260\021\260\047\270\033\300G\3101\340\010\017\320\017-\250T\260\021\260\047\270\033\300A\200A\330\024 \240\013\250:\260Q\330\010\017\320\017u\320uv\330\014\017\210s\220\047\230""\021\330\014\021\220\021\330\014\021\220\021\330\014\r\320\004\032\230!\340\010\017\210t\2209\230A\230W\240A\240U\250#\250W\260F\270!\2701\320\004\034\230A\340\010\021\220\024\220Q\330\010\r\210T\220\027\230\001\230\024\230S\240\004\240A\330\010\r\210T\220\027\230\002\230$\230c\240\024\240Y\250b\260\001\330\010\016\210c\220\022\2201\330\014\023\2203\220b\230\004\230C\230q\330\014\017\210t\2202\220V\2301\230A\330\020\025\220Q\340\020\025\220T\230\022\2301\330\010\014\210C\210r\220\021\330\010\016\210f\220A\220R\220r\230\026\230r\240\022\2402\240R\240t\250=\270\001\330\010\016\210d\220&\230\001\230\024\230W\240A\240Q\330\010\022\220$\220h\230a\230t\2408\2501\250A\330\010\017\210z\230\021\230(\240#\240V\2501\250D\260\005\260U\270$\270g\300Q\300d\310)\320SW\320WX\320\004 \240\001\330\010\016\210d\220+\230T\240\021\240#\240Q\330\010\013\2104\210s\220!\330\014\022\220$\220k\240\021\240#\240W\320,c\320cd\330\020\023\2203\220g\230Q\330\020\024\220A\340\010\017\210q\320\004 \240\001\360\010\000\t\r\210E\220\021\330\010\013\2104\210v\220T\230\022\2303\230a\330\014\024\220D\230\016\240a\240q\330\014\023\2204\220u\230A\230Q\330\014\023\2204\220q\330\014\017\210u\220C\220q\330\020\027\220q\230\001\230\024\230T\240\025\240a\330\020\030\230\001\230\021\230%\230r\240\024\240S\250\005\250Y\260a\260q\330\020\031\230\024\230Q\230f\240E\250\021\330\020\027\220t\2305\240\001\240\025\240e\2501\250A\250U\260!\2601\260E\270\024\270U\300\047\310\023\310A\310T\320QX\320X]\320]a\320ab\320bc\330\014\024\220A\220X\230Q\230d\240!\2403\240d\250%\250q\330\010\017\210t\220>\240\021\240!\320\004!\240\034\250Q\340\010\014\210E\220\021\330\010\013\2104\210s\220%\220u\230D\240\002\240#\240Q\330\014\022\220$\220j\240\001\240\021\330\014\017\210t\2203\220a\330\020\026\220d\230*\240A\240U\250$\250e\2601\260G\2705\300\001\330\014\023\2201\330\010\017\210t\2205\230\001\230\027\240\005\240\\\260\024\260S\270\005\270Z\300q\320\004\"\240!\340\010\020\220\004\220G\2304\230q\240\001\330\010\013\2106\220\023\220A""\330\014\022\220$\220k\240\025\240d\250!\2501\330\014\017\210t\2203\220a\330\020\027\220q\330\014\020\220\004\220A\330\014\024\220D\230\007\230q\240\n\250%\250r\260\023\260C\260s\270%\270s\300$\300a\330\010\017\210q\320\004#\2401\360\006\000\t\020\210u\220D\230\005\230U\240,\250d\260*\270C\270w\300d\310%\310w\320VY\320Y`\320`a\330\010\020\220\004\220L\240\004\240A\240Q\330\010\013\2106\220\023\220A\330\014\023\2204\220{\240!\330\014\024\220D\230\014\240A\240X\250U\260\047\270\021\270$\270a\270s\300$\300e\3103\310a\310q\330\010\017\210q";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 166; i++) {
+    for (int i = 0; i < 169; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
       if (likely(string) && i >= 28) PyUnicode_InternInPlace(&string);
@@ -26266,8 +26336,8 @@ static const char bytes[] = " at 0x object>(tree fragment).: <MemoryView of <con
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 166; i < 182; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-166].length;
+    for (int i = 169; i < 185; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-169].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -26277,14 +26347,14 @@ static const char bytes[] = " at 0x object>(tree fragment).: <MemoryView of <con
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 182; i++) {
+    for (Py_ssize_t i = 0; i < 185; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 166;
+      PyObject **table = stringtab + 169;
       for (Py_ssize_t i=0; i<16; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
@@ -26372,42 +26442,42 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 62};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 65};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_key};
-    __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_routing_py, __pyx_mstate->__pyx_n_u_lookup, __pyx_mstate->__pyx_kp_b_iso88591_t9AXQa, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
+    __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_routing_py, __pyx_mstate->__pyx_n_u_lookup, __pyx_mstate->__pyx_kp_b_iso88591_t9AWAU_WF_1, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 66};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 69};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_pos};
     __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_routing_py, __pyx_mstate->__pyx_n_u_route_at, __pyx_mstate->__pyx_kp_b_iso88591_A_Q_T_S_A_T_c_Yb_c_1_3b_Cq_t2V1, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 83};
+    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 86};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_route, __pyx_mstate->__pyx_n_u_pod};
     __pyx_mstate_global->__pyx_codeobj_tab[2] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_routing_py, __pyx_mstate->__pyx_n_u_request_tag, __pyx_mstate->__pyx_kp_b_iso88591_Q_E_4s_uD_Q_j_t3a_d_AU_e1G5_1_t, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[2])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 93};
+    const __Pyx_PyCode_New_function_description descr = {3, 0, 0, 3, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 96};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_route, __pyx_mstate->__pyx_n_u_pod, __pyx_mstate->__pyx_n_u_role};
     __pyx_mstate_global->__pyx_codeobj_tab[3] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_routing_py, __pyx_mstate->__pyx_n_u_tag, __pyx_mstate->__pyx_kp_b_iso88591_A_Q_uuv_s, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[3])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 102};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 105};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_pod};
     __pyx_mstate_global->__pyx_codeobj_tab[4] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_routing_py, __pyx_mstate->__pyx_n_u_response_tag, __pyx_mstate->__pyx_kp_b_iso88591_d_T_Q_4s_k_W_ccd_3gQ_A_q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[4])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 111};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 114};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_route};
     __pyx_mstate_global->__pyx_codeobj_tab[5] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_routing_py, __pyx_mstate->__pyx_n_u_candidates_2, __pyx_mstate->__pyx_kp_b_iso88591_E_4vT_3a_D_aq_4uAQ_4q_uCq_q_T_a, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[5])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 128};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 131};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_route};
     __pyx_mstate_global->__pyx_codeobj_tab[6] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_routing_py, __pyx_mstate->__pyx_n_u_with_backups, __pyx_mstate->__pyx_kp_b_iso88591_1_uD_U_d_Cwd_wVYY_a_L_AQ_6_A_4, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[6])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 138};
+    const __Pyx_PyCode_New_function_description descr = {2, 0, 0, 2, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 141};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_self, __pyx_mstate->__pyx_n_u_pod_id};
     __pyx_mstate_global->__pyx_codeobj_tab[7] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_proxy_routing_py, __pyx_mstate->__pyx_n_u_fixed_route, __pyx_mstate->__pyx_kp_b_iso88591_G4q_6_A_k_d_1_t3a_q_A_D_q_r_Cs, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[7])) goto bad;
   }
@@ -29713,10 +29783,134 @@ static CYTHON_INLINE long __Pyx_div_long(long a, long b, int b_is_constant) {
     return q - adapt_python;
 }
 
+/* PyObjectVectorcallKwds */
+#if CYTHON_VECTORCALL
+CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject *kwnames, Py_ssize_t i) {
+    PyObject *key = __Pyx_PyTuple_GET_ITEM(kwnames, i);
+#if !CYTHON_ASSUME_SAFE_MACROS
+    if (unlikely(!key)) return -1;
+#endif
+    if (unlikely(!PyUnicode_Check(key))) {
+        PyErr_SetString(PyExc_TypeError, "keywords must be strings");
+        return -1;
+    }
+    return 0;
+}
+#else
+CYTHON_UNUSED static PyObject *__Pyx_MakeKwargDict(PyObject **keys, PyObject **values, Py_ssize_t n) {
+    PyObject *out = PyDict_New();
+    if (unlikely(!out)) return NULL;
+    for (Py_ssize_t i=0; i<n; ++i) {
+        if (unlikely(PyDict_SetItem(out, keys[i], values[i]) < 0)) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject **kwnames, Py_ssize_t i) {
+    PyObject *key = kwnames[i];
+    if (unlikely(!PyUnicode_Check(key))) {
+        PyErr_SetString(PyExc_TypeError, "keywords must be strings");
+        return -1;
+    }
+    return 0;
+}
+#endif
+
 /* BufferIndexError */
 static void __Pyx_RaiseBufferIndexError(int axis) {
   PyErr_Format(PyExc_IndexError,
      "Out of bounds on buffer access (axis %d)", axis);
+}
+
+/* PyObjectCall2Args (used by CallUnboundCMethod1) */
+static CYTHON_INLINE PyObject* __Pyx_PyObject_Call2Args(PyObject* function, PyObject* arg1, PyObject* arg2) {
+    PyObject *args[3] = {NULL, arg1, arg2};
+    return __Pyx_PyObject_FastCall(function, args+1, 2 | __Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET);
+}
+
+/* CallUnboundCMethod1 */
+#if CYTHON_COMPILING_IN_CPYTHON
+static CYTHON_INLINE PyObject* __Pyx_CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg) {
+    int was_initialized =  __Pyx_CachedCFunction_GetAndSetInitializing(cfunc);
+    if (likely(was_initialized == 2 && cfunc->func)) {
+        int flag = cfunc->flag;
+        if (flag == METH_O) {
+            return __Pyx_CallCFunction(cfunc, self, arg);
+        } else if (flag == METH_FASTCALL) {
+            return __Pyx_CallCFunctionFast(cfunc, self, &arg, 1);
+        } else if (flag == (METH_FASTCALL | METH_KEYWORDS)) {
+            return __Pyx_CallCFunctionFastWithKeywords(cfunc, self, &arg, 1, NULL);
+        }
+    }
+#if CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
+    else if (unlikely(was_initialized == 1)) {
+        __Pyx_CachedCFunction tmp_cfunc = {
+#ifndef __cplusplus
+            0
+#endif
+        };
+        tmp_cfunc.type = cfunc->type;
+        tmp_cfunc.method_name = cfunc->method_name;
+        return __Pyx__CallUnboundCMethod1(&tmp_cfunc, self, arg);
+    }
+#endif
+    PyObject* result = __Pyx__CallUnboundCMethod1(cfunc, self, arg);
+    __Pyx_CachedCFunction_SetFinishedInitializing(cfunc);
+    return result;
+}
+#endif
+static PyObject* __Pyx__CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg){
+    PyObject *result = NULL;
+    if (unlikely(!cfunc->func && !cfunc->method) && unlikely(__Pyx_TryUnpackUnboundCMethod(cfunc) < 0)) return NULL;
+#if CYTHON_COMPILING_IN_CPYTHON
+    if (cfunc->func && (cfunc->flag & METH_VARARGS)) {
+        PyObject *args = PyTuple_New(1);
+        if (unlikely(!args)) return NULL;
+        Py_INCREF(arg);
+        PyTuple_SET_ITEM(args, 0, arg);
+        if (cfunc->flag & METH_KEYWORDS)
+            result = __Pyx_CallCFunctionWithKeywords(cfunc, self, args, NULL);
+        else
+            result = __Pyx_CallCFunction(cfunc, self, args);
+        Py_DECREF(args);
+    } else
+#endif
+    {
+        result = __Pyx_PyObject_Call2Args(cfunc->method, self, arg);
+    }
+    return result;
+}
+
+/* dict_getitem_default */
+static PyObject* __Pyx_PyDict_GetItemDefault(PyObject* d, PyObject* key, PyObject* default_value) {
+    PyObject* value;
+#if !CYTHON_COMPILING_IN_PYPY || PYPY_VERSION_NUM >= 0x07020000
+    value = PyDict_GetItemWithError(d, key);
+    if (unlikely(!value)) {
+        if (unlikely(PyErr_Occurred()))
+            return NULL;
+        value = default_value;
+    }
+    Py_INCREF(value);
+    if ((1));
+#else
+    if (PyBytes_CheckExact(key) || PyUnicode_CheckExact(key) || PyLong_CheckExact(key)) {
+        value = PyDict_GetItem(d, key);
+        if (unlikely(!value)) {
+            value = default_value;
+        }
+        Py_INCREF(value);
+    }
+#endif
+    else {
+        if (default_value == Py_None)
+            value = __Pyx_CallUnboundCMethod1(&__pyx_mstate_global->__pyx_umethod_PyDict_Type_get, d, key);
+        else
+            value = __Pyx_CallUnboundCMethod2(&__pyx_mstate_global->__pyx_umethod_PyDict_Type_get, d, key, default_value);
+    }
+    return value;
 }
 
 /* PyObjectCompare */
@@ -29856,95 +30050,6 @@ __pyx_return_true:
     return 1;
 __pyx_return_false:
     return 0;
-}
-
-/* PyObjectCall2Args (used by CallUnboundCMethod1) */
-static CYTHON_INLINE PyObject* __Pyx_PyObject_Call2Args(PyObject* function, PyObject* arg1, PyObject* arg2) {
-    PyObject *args[3] = {NULL, arg1, arg2};
-    return __Pyx_PyObject_FastCall(function, args+1, 2 | __Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET);
-}
-
-/* CallUnboundCMethod1 */
-#if CYTHON_COMPILING_IN_CPYTHON
-static CYTHON_INLINE PyObject* __Pyx_CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg) {
-    int was_initialized =  __Pyx_CachedCFunction_GetAndSetInitializing(cfunc);
-    if (likely(was_initialized == 2 && cfunc->func)) {
-        int flag = cfunc->flag;
-        if (flag == METH_O) {
-            return __Pyx_CallCFunction(cfunc, self, arg);
-        } else if (flag == METH_FASTCALL) {
-            return __Pyx_CallCFunctionFast(cfunc, self, &arg, 1);
-        } else if (flag == (METH_FASTCALL | METH_KEYWORDS)) {
-            return __Pyx_CallCFunctionFastWithKeywords(cfunc, self, &arg, 1, NULL);
-        }
-    }
-#if CYTHON_COMPILING_IN_CPYTHON_FREETHREADING
-    else if (unlikely(was_initialized == 1)) {
-        __Pyx_CachedCFunction tmp_cfunc = {
-#ifndef __cplusplus
-            0
-#endif
-        };
-        tmp_cfunc.type = cfunc->type;
-        tmp_cfunc.method_name = cfunc->method_name;
-        return __Pyx__CallUnboundCMethod1(&tmp_cfunc, self, arg);
-    }
-#endif
-    PyObject* result = __Pyx__CallUnboundCMethod1(cfunc, self, arg);
-    __Pyx_CachedCFunction_SetFinishedInitializing(cfunc);
-    return result;
-}
-#endif
-static PyObject* __Pyx__CallUnboundCMethod1(__Pyx_CachedCFunction* cfunc, PyObject* self, PyObject* arg){
-    PyObject *result = NULL;
-    if (unlikely(!cfunc->func && !cfunc->method) && unlikely(__Pyx_TryUnpackUnboundCMethod(cfunc) < 0)) return NULL;
-#if CYTHON_COMPILING_IN_CPYTHON
-    if (cfunc->func && (cfunc->flag & METH_VARARGS)) {
-        PyObject *args = PyTuple_New(1);
-        if (unlikely(!args)) return NULL;
-        Py_INCREF(arg);
-        PyTuple_SET_ITEM(args, 0, arg);
-        if (cfunc->flag & METH_KEYWORDS)
-            result = __Pyx_CallCFunctionWithKeywords(cfunc, self, args, NULL);
-        else
-            result = __Pyx_CallCFunction(cfunc, self, args);
-        Py_DECREF(args);
-    } else
-#endif
-    {
-        result = __Pyx_PyObject_Call2Args(cfunc->method, self, arg);
-    }
-    return result;
-}
-
-/* dict_getitem_default */
-static PyObject* __Pyx_PyDict_GetItemDefault(PyObject* d, PyObject* key, PyObject* default_value) {
-    PyObject* value;
-#if !CYTHON_COMPILING_IN_PYPY || PYPY_VERSION_NUM >= 0x07020000
-    value = PyDict_GetItemWithError(d, key);
-    if (unlikely(!value)) {
-        if (unlikely(PyErr_Occurred()))
-            return NULL;
-        value = default_value;
-    }
-    Py_INCREF(value);
-    if ((1));
-#else
-    if (PyBytes_CheckExact(key) || PyUnicode_CheckExact(key) || PyLong_CheckExact(key)) {
-        value = PyDict_GetItem(d, key);
-        if (unlikely(!value)) {
-            value = default_value;
-        }
-        Py_INCREF(value);
-    }
-#endif
-    else {
-        if (default_value == Py_None)
-            value = __Pyx_CallUnboundCMethod1(&__pyx_mstate_global->__pyx_umethod_PyDict_Type_get, d, key);
-        else
-            value = __Pyx_CallUnboundCMethod2(&__pyx_mstate_global->__pyx_umethod_PyDict_Type_get, d, key, default_value);
-    }
-    return value;
 }
 
 /* PyLongBinop */
@@ -34064,41 +34169,6 @@ no_fail:
     __Pyx_RefNannyFinishContext();
     return new_mvs;
 }
-
-/* PyObjectVectorcallKwds (used by PyObjectVectorcallMethodKwds) */
-#if CYTHON_VECTORCALL
-CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject *kwnames, Py_ssize_t i) {
-    PyObject *key = __Pyx_PyTuple_GET_ITEM(kwnames, i);
-#if !CYTHON_ASSUME_SAFE_MACROS
-    if (unlikely(!key)) return -1;
-#endif
-    if (unlikely(!PyUnicode_Check(key))) {
-        PyErr_SetString(PyExc_TypeError, "keywords must be strings");
-        return -1;
-    }
-    return 0;
-}
-#else
-CYTHON_UNUSED static PyObject *__Pyx_MakeKwargDict(PyObject **keys, PyObject **values, Py_ssize_t n) {
-    PyObject *out = PyDict_New();
-    if (unlikely(!out)) return NULL;
-    for (Py_ssize_t i=0; i<n; ++i) {
-        if (unlikely(PyDict_SetItem(out, keys[i], values[i]) < 0)) {
-            Py_DECREF(out);
-            return NULL;
-        }
-    }
-    return out;
-}
-CYTHON_UNUSED static int __Pyx_CheckVectorcallKwarg(PyObject **kwnames, Py_ssize_t i) {
-    PyObject *key = kwnames[i];
-    if (unlikely(!PyUnicode_Check(key))) {
-        PyErr_SetString(PyExc_TypeError, "keywords must be strings");
-        return -1;
-    }
-    return 0;
-}
-#endif
 
 /* PyObjectVectorcallMethodKwds (used by CIntToPy) */
 #if !CYTHON_VECTORCALL

@@ -26,6 +26,7 @@ cdef class RoutingTable:
     cpdef lookup(self, bytes key)
     @cython.locals(lo=Py_ssize_t, hi=Py_ssize_t, mid=Py_ssize_t, i=Py_ssize_t, b=Py_ssize_t)
     cpdef route_at(self, unsigned long long pos)
+    @cython.locals(i=Py_ssize_t)
     cpdef bytes request_tag(self, route, pod)
     cpdef bytes response_tag(self, pod)
     cpdef tuple candidates(self, route)

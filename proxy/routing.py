@@ -4,9 +4,12 @@ request routed on it."""
 
 from __future__ import annotations
 
-from .assignment import KEY_SPACE, Assignment, Pod, Route, position, rank
+import mmh3
+
+from .assignment import KEY_SPACE, Assignment, Pod, Route, rank
 
 _new_tuple = tuple.__new__
+_hash64 = mmh3.hash64
 
 
 class RoutingTable:
@@ -61,7 +64,7 @@ class RoutingTable:
 
     def lookup(self, key: bytes) -> Route:
         """The route for a routing key: ``assignment.lookup(key)``."""
-        return self.route_at(position(key))
+        return self.route_at(_hash64(key, 0, signed=False)[0])  # position(key), inlined
 
     def route_at(self, pos: int) -> Route:
         """The route for a position: ``assignment.lookup_position(pos)``."""

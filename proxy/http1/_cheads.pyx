@@ -15,7 +15,6 @@ cdef frozenset _NEVER_DROPPED = heads._NEVER_DROPPED
 cdef int _H_CL = heads._H_CL, _H_TE = heads._H_TE, _H_CONN = heads._H_CONN, _H_VIA = heads._H_VIA
 cdef int _H_XFF = heads._H_XFF, _H_HOST = heads._H_HOST, _H_UPGRADE = heads._H_UPGRADE
 cdef bytes _CRLF = b"\r\n"
-cdef bytes _SEP = b": "
 
 
 cdef class RequestHead:
@@ -45,8 +44,30 @@ cdef class RequestHead:
         return tuple(getattr(self, name) for name in heads.RequestHead.__slots__)
 
 
-cdef inline bint _maybe_lookalike(bytes lname):
-    return b"_" in lname or b"--" in lname
+cdef inline bint _maybe_lookalike(bytes lname) noexcept:
+    """``b"_" in lname or b"--" in lname``, as a C scan."""
+    cdef const char* s = PyBytes_AS_STRING(lname)
+    cdef Py_ssize_t n = len(lname)
+    cdef Py_ssize_t i
+    for i in range(n):
+        if s[i] == b"_" or (s[i] == b"-" and i + 1 < n and s[i + 1] == b"-"):
+            return True
+    return False
+
+
+cdef inline bytes _line(bytes name, bytes value):
+    """``name + b": " + value + b"\\r\\n"`` in one allocation."""
+    cdef Py_ssize_t n = len(name)
+    cdef Py_ssize_t m = len(value)
+    cdef bytes line = PyBytes_FromStringAndSize(NULL, n + m + 4)
+    cdef char* p = PyBytes_AS_STRING(line)
+    memcpy(p, PyBytes_AS_STRING(name), n)
+    p[n] = b":"
+    p[n + 1] = b" "
+    memcpy(p + n + 2, PyBytes_AS_STRING(value), m)
+    p[n + m + 2] = b"\r"
+    p[n + m + 3] = b"\n"
+    return line
 
 
 cdef inline bint _reg_name_char(unsigned char c) noexcept:
@@ -158,7 +179,7 @@ def rewrite_request(
                 continue
             if _maybe_lookalike(lname) and wire.lookalike(lname, key_name):
                 continue
-            out.append(name + _SEP + value + _CRLF)
+            out.append(_line(name, value))
             continue
         tag = <int>tag_obj
         if tag == _H_CL:

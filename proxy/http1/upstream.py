@@ -179,7 +179,8 @@ class UpstreamConnection:
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.in_body:
             return  # trailers: dropped
-        lname = name.lower()
+        n = len(name)
+        lname = name.lower() if n == 14 or n == 17 else b""  # the two framing headers' lengths
         if lname == b"content-length":
             self.resp_length = int(value)
         elif lname == b"transfer-encoding":

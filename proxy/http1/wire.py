@@ -41,7 +41,7 @@ STATUS_LINE = {code: b"HTTP/1.1 %d %s\r\n" % (code, reason) for code, reason in 
 
 def status_line(code: int, reason: bytes = b"") -> bytes:
     line = STATUS_LINE.get(code)
-    if line is not None and not reason:
+    if line is not None and (not reason or reason == _REASONS[code]):
         return line
     return b"HTTP/1.1 %d %s\r\n" % (code, reason or _REASONS.get(code, b"Unknown"))
 
