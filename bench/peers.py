@@ -6,6 +6,7 @@ must be installed)::
     python bench/peers.py                          # full run, ~2.5 minutes
     python bench/peers.py --markdown /tmp/peers.md # also write a markdown section
     python bench/peers.py --quick                  # 1 round, 3 s runs (smoke test)
+    python bench/peers.py --only keyroute,keyroute-pure,haproxy,nginx   # + the pure-Python path
     python bench/peers.py --profile /tmp/keyroute.svg   # + py-spy flamegraph of keyroute
 
 What it does:
@@ -57,6 +58,7 @@ import common
 from common import HZ, LOAD_CORE, PROXY_CORE, Proxy, Run
 
 KEYS = 10_000
+NO_EXTENSIONS = "KEYROUTE_NO_EXTENSIONS"
 
 # nginx's share of the client-IP header work keyroute does by default (HAProxy: option forwardfor).
 NGINX_LOCATION = """\
@@ -68,13 +70,22 @@ NGINX_LOCATION = """\
 # ---------------------------------------------------------------- setup
 
 
-def start_keyroute(tmp: Path, pods: dict[str, int]) -> Proxy:
-    d = tmp / "keyroute"
+def start_keyroute(tmp: Path, pods: dict[str, int], name: str = "keyroute") -> Proxy:
+    d = tmp / name
     d.mkdir()
     (d / "table.json").write_text(common.pods_table(pods))
     port, admin = common.free_port(), common.free_port()
     flags = common.keyroute_flags(port, admin, f"file:{d / 'table.json'}")
-    return common.start_keyroute("keyroute", flags, port, admin, d / "stderr.log")
+    return common.start_keyroute(name, flags, port, admin, d / "stderr.log")
+
+
+def start_keyroute_pure(tmp: Path, pods: dict[str, int]) -> Proxy:
+    """keyroute on its pure-Python path (KEYROUTE_NO_EXTENSIONS=1), for comparison."""
+    os.environ[NO_EXTENSIONS] = "1"
+    try:
+        return start_keyroute(tmp, pods, "keyroute-pure")
+    finally:
+        del os.environ[NO_EXTENSIONS]
 
 
 def start_haproxy(tmp: Path, pods: dict[str, int]) -> Proxy:
@@ -100,8 +111,8 @@ def check_routing(px: Proxy) -> str:
             if status != 200 or body != b"ok\n":
                 raise RuntimeError(f"{px.name}: key {key}: status {status} body {body[:200]!r}")
             pods.add(h.get("x-pod", "?"))
-            if px.name == "keyroute" and h.get("x-keyroute-pod") != h.get("x-pod"):
-                raise RuntimeError(f"keyroute: X-Keyroute-Pod {h.get('x-keyroute-pod')} != X-Pod {h.get('x-pod')}")
+            if px.name.startswith("keyroute") and h.get("x-keyroute-pod") != h.get("x-pod"):
+                raise RuntimeError(f"{px.name}: X-Keyroute-Pod {h.get('x-keyroute-pod')} != X-Pod {h.get('x-pod')}")
         if len(pods) != 1:
             raise RuntimeError(f"{px.name}: key {key} reached several pods: {sorted(pods)}")
         seen[key] = pods.pop()
@@ -346,7 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default 2)")
     ap.add_argument("--conns", default="64,256", help="connection counts (default 64,256)")
     ap.add_argument("--threads", type=int, default=1, help="wrk threads (default 1, all on core 1)")
-    ap.add_argument("--only", help="comma list of proxies (default keyroute,haproxy,nginx)")
+    ap.add_argument(
+        "--only",
+        help="comma list of proxies (default keyroute,haproxy,nginx; also keyroute-pure: the pure-Python path)",
+    )
     ap.add_argument("--quick", action="store_true", help="1 round, 3 s runs, 1 s warmup")
     ap.add_argument("--markdown", metavar="PATH", help="also write the result as a markdown section ('-': stdout)")
     ap.add_argument(
@@ -382,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         pods = common.start_pods(tmp)
         starters: dict[str, Callable[[Path, dict[str, int]], Proxy]] = {
             "keyroute": start_keyroute,
+            "keyroute-pure": start_keyroute_pure,
             "haproxy": start_haproxy,
             "nginx": start_nginx_proxy,
         }
