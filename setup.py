@@ -57,11 +57,11 @@ class OptionalBuildExt(build_ext):
         try:
             super().build_extension(ext)
         except Exception as exc:
-            # An older build of it must not stay behind and run instead.
-            if self.inplace:
-                stale = self.get_ext_fullpath(ext.name)
-                if os.path.exists(stale):
-                    os.remove(stale)
+            # An older build of it must not stay behind and run (or be
+            # packaged) instead: in place, or in build/lib for a wheel.
+            stale = self.get_ext_fullpath(ext.name)
+            if os.path.exists(stale):
+                os.remove(stale)
             print(f"keyroute: {ext.name} was not built ({exc}); the pure-Python path will be used", file=sys.stderr)
 
 

@@ -270,6 +270,13 @@ def _check(s: Settings) -> None:
         raise ConfigError(
             f'upstream.fail_statuses: expected a comma list of statuses like "502,503", got {u.fail_statuses!r}'
         )
+    # Counts the data plane keeps as machine integers.
+    for key, value, top in (
+        ("upstream.retries", u.retries, 100),
+        ("upstream.max_idle_per_pod", u.max_idle_per_pod, 1 << 20),
+    ):
+        if value > top:
+            raise ConfigError(f"{key}: {value} is above the maximum {top}")
     if u.max_ejected_percent > 100:
         raise ConfigError(f"upstream.max_ejected_percent: expected 0 to 100, got {u.max_ejected_percent}")
     if u.eject_after < 1:

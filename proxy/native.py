@@ -60,7 +60,7 @@ def _why_pure() -> str:
     if os.environ.get(NO_EXTENSIONS_ENV):
         return f"{NO_EXTENSIONS_ENV} is set"
     sources = {m: [_path(m, ".py"), _path(m, ".pxd")] for m in COMPILED}
-    sources.update({m: [_path(m, ".pyx")] for m in TWINS})
+    sources.update({m: [_path(m, ".pyx"), _path(m, ".pxd")] for m in TWINS})
     for module, files in sources.items():
         built = _built(module)
         if built is None:

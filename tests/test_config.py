@@ -273,6 +273,8 @@ def test_bad_proxy_values_name_the_key(tmp_path: Path, key: str, line: str) -> N
         ("upstream.retries", "[upstream]\nretries = -1"),
         ("upstream.retries", '[upstream]\nretries = "2"'),
         ("upstream.retries", "[upstream]\nretries = 1.5"),
+        ("upstream.retries", "[upstream]\nretries = 9223372036854775808"),
+        ("upstream.max_idle_per_pod", "[upstream]\nmax_idle_per_pod = 9223372036854775808"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: Path, key: str, text: str) -> None:

@@ -522,6 +522,35 @@ async def test_upgrade_request_with_a_body_is_forwarded_without_the_upgrade(
     assert b"pgrade" not in req
 
 
+async def test_upgrade_request_with_a_body_beyond_2_63_bytes_is_forwarded(
+    raw_pods: RawPods, proxy_factory: ProxyFactory
+) -> None:
+    # llhttp takes a Content-Length up to 2**64 - 1; counting such a body out
+    # must not overflow on the compiled path (it was an OverflowError there:
+    # the connection closed with no answer).
+    async def early(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        body = await reader.readexactly(5)
+        pod.requests.append(head + body)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ngot")
+        await writer.drain()
+
+    pod = await raw_pods(early)
+    px = await proxy_factory(table_for([pod]))
+    async with connect(px.port) as raw:
+        await raw.send(
+            b"POST /up HTTP/1.1\r\nHost: t\r\nX-Routing-Key: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+            b"Content-Length: 9223372036854775808\r\n\r\n"
+        )
+        await raw.send(b"hello")
+        status, headers, body = await raw.response()
+        assert (status, body) == (200, b"got")
+        assert headers["connection"] == "close"
+    (req,) = pod.requests
+    assert b"\r\nContent-Length: 9223372036854775808\r\n" in req and req.endswith(b"\r\n\r\nhello")
+    assert b"pgrade" not in req
+
+
 async def _answer_and_record(pod: RawPod, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """Answer each request with its body; then record what follows until the proxy closes."""
     req = await pod.read_request(reader)

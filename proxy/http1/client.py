@@ -554,7 +554,9 @@ class ClientProtocol:
         assert ex is not None
         if self.timer_kind == _T_BODY:
             self.deadline = self.loop.time() + self.runtime.body_timeout
-        part = data[: ex.body_left]
+        # (A slice bound past the data, not data[:body_left]: a body_left
+        # beyond 2**63 is no index for the compiled module.)
+        part = data if ex.body_left >= len(data) else data[: ex.body_left]
         if part:
             ex.body_left -= len(part)
             ex.body_bytes += len(part)
