@@ -231,7 +231,7 @@ def ratio(a: float, b: float) -> str:
 def table_rows(aggs: dict[tuple[str, int], Agg], conns_list: list[int]) -> list[list[str]]:
     rows = []
     for c in conns_list:
-        for name in ("keyroute", "haproxy", "nginx"):
+        for name in ("keyroute", "keyroute-pure", "haproxy", "nginx"):
             a = aggs.get((name, c))
             if not a:
                 continue
@@ -279,14 +279,13 @@ HEAD = [
 def ratio_rows(aggs: dict[tuple[str, int], Agg], conns_list: list[int]) -> list[list[str]]:
     rows = []
     for c in conns_list:
-        k = aggs.get(("keyroute", c))
-        for peer in ("haproxy", "nginx"):
-            p = aggs.get((peer, c))
+        for ours, peer in [(o, p) for o in ("keyroute", "keyroute-pure") for p in ("haproxy", "nginx")]:
+            k, p = aggs.get((ours, c)), aggs.get((peer, c))
             if not (k and p):
                 continue
             rows.append(
                 [
-                    f"keyroute/{peer}",
+                    f"{ours}/{peer}",
                     str(c),
                     ratio(k.rps, p.rps),
                     ratio(k.p50, p.p50),
