@@ -3,29 +3,32 @@ pyproject.toml. If Cython or a C compiler is missing, or the build fails,
 keyroute installs without it and runs on the pure-Python path (it says so
 at startup, in /-/healthz and as keyroute_native 0)."""
 
+import ast
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
+
+def _listed(name: str) -> Any:
+    """A constant of proxy/native.py (read, not imported: the one list of
+    what is compiled, for the build and for the runtime's choice)."""
+    tree = ast.parse(Path(__file__).with_name("proxy").joinpath("native.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise LookupError(f"proxy/native.py has no {name}")
+
+
 EXTENSIONS = [
-    Extension("proxy.http1._cheads", ["proxy/http1/_cheads.pyx"]),
-    # The data plane's own modules (proxy.native.COMPILED), compiled from their
-    # .py source with the types their .pxd files declare; without the build
-    # they run as Python.
-    *(
-        Extension(m, [m.replace(".", "/") + ".py"])
-        for m in (
-            "proxy.metrics",
-            "proxy.routing",
-            "proxy.runtime",
-            "proxy.http1.wire",
-            "proxy.http1.client",
-            "proxy.http1.exchange",
-            "proxy.http1.upstream",
-        )
-    ),
+    # The twins, from their .pyx.
+    *(Extension(m, [m.replace(".", "/") + ".pyx"]) for m in _listed("TWINS")),
+    # The data plane's own modules, compiled from their .py source with the
+    # types their .pxd files declare; without the build they run as Python.
+    *(Extension(m, [m.replace(".", "/") + ".py"]) for m in _listed("COMPILED")),
 ]
 # Types come from the .pxd files only: the annotations in the .py files are
 # for mypy, and Cython would enforce some of them differently.
